@@ -1,0 +1,444 @@
+// Fused softmax cross-entropy on the CPU.
+//
+// The logits arrive as a (B, C, S) view with any strides. Pixels are processed in tiles of
+// kTile consecutive pixels of one image: a tile is copied (converted to the accumulation
+// type) into a small [C][kTile] buffer that stays in L1, so the class loops run on
+// contiguous vectors whatever the layout (NCHW reads kTile contiguous values per class,
+// channels_last C contiguous values per pixel). The forward makes two passes over the
+// buffer (max, then exp-sum) and saves the per-pixel logsumexp as its two parts, max and
+// log(sum) (their float sum would lose ulp(max) in every probability); the backward makes one
+// more pass over the logits and writes the gradient. Reductions go through fixed-size
+// chunks summed in order, so results repeat bit for bit for any thread count.
+//
+// This file is compiled once per CPU capability (DEFAULT, AVX2, AVX512: see setup.py); the
+// DEFAULT build also holds the op registration and picks the variant at run time.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "fastseg/cpu_capability.h"
+#include "fastseg/softmax_cross_entropy.h"
+
+namespace fastseg::cpu {
+
+// Everything a kernel needs, already checked by the op wrapper at the end of this file.
+struct CrossEntropyArgs {
+  at::Tensor input;                  // (B, C, S) logits, any strides
+  at::Tensor target;                 // (B, S) contiguous integer ids
+  std::optional<at::Tensor> weight;  // (C,) accumulation dtype
+  std::optional<at::Tensor> pixel_weight;  // (B, S) accumulation dtype, contiguous
+  int64_t ignore_index;
+  int64_t reduction;
+  double label_smoothing;
+};
+
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// Tiles per reduction chunk: fixed, so the summation order does not depend on threads.
+constexpr int64_t kTilesPerChunk = 16;
+
+template <typename scalar_t>
+struct Accumulate {
+  using type = float;
+};
+template <>
+struct Accumulate<double> {
+  using type = double;
+};
+
+template <typename acc_t>
+struct TileLayout {
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t kVectors = 2;  // two vectors per class row: more exps in flight
+  static constexpr int64_t kTile = kVectors * Vec::size();
+};
+
+// Copies pixels [s0, s0 + count) of image b into buffer[c * kTile + j] (zeros past count).
+template <typename scalar_t, typename acc_t, int64_t kTile>
+inline void load_tile(const scalar_t* base, int64_t stride_c, int64_t stride_s, int64_t classes,
+                      int64_t count, acc_t* buffer) {
+  if (stride_s == 1) {
+    for (int64_t c = 0; c < classes; ++c) {
+      const scalar_t* row = base + c * stride_c;
+      acc_t* out = buffer + c * kTile;
+      for (int64_t j = 0; j < count; ++j) out[j] = static_cast<acc_t>(row[j]);
+      for (int64_t j = count; j < kTile; ++j) out[j] = acc_t(0);
+    }
+  } else {
+    for (int64_t j = 0; j < count; ++j) {
+      const scalar_t* pixel = base + j * stride_s;
+      for (int64_t c = 0; c < classes; ++c) buffer[c * kTile + j] = static_cast<acc_t>(pixel[c * stride_c]);
+    }
+    for (int64_t j = count; j < kTile; ++j)
+      for (int64_t c = 0; c < classes; ++c) buffer[c * kTile + j] = acc_t(0);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int64_t kTile>
+inline void store_tile(const acc_t* buffer, int64_t stride_c, int64_t stride_s, int64_t classes,
+                       int64_t count, scalar_t* base) {
+  if (stride_s == 1) {
+    for (int64_t c = 0; c < classes; ++c) {
+      const acc_t* in = buffer + c * kTile;
+      scalar_t* row = base + c * stride_c;
+      for (int64_t j = 0; j < count; ++j) row[j] = static_cast<scalar_t>(in[j]);
+    }
+  } else {
+    for (int64_t j = 0; j < count; ++j) {
+      scalar_t* pixel = base + j * stride_s;
+      for (int64_t c = 0; c < classes; ++c) pixel[c * stride_c] = static_cast<scalar_t>(buffer[c * kTile + j]);
+    }
+  }
+}
+
+// Per-tile target ids: -1 marks ignored pixels and padding. Throws ValueError on a bad id.
+template <typename target_t>
+inline void load_targets(const target_t* target, int64_t count, int64_t tile, int64_t classes,
+                         int64_t ignore_index, int64_t* out) {
+  for (int64_t j = 0; j < count; ++j) {
+    const target_t t = target[j];
+    if (ce_is_ignored(t, ignore_index)) {
+      out[j] = -1;
+      continue;
+    }
+    TORCH_CHECK_VALUE(ce_is_valid_class(t, classes), "softmax_cross_entropy: target contains ",
+                      static_cast<int64_t>(t), ", expected a class id in [0, ", classes,
+                      ") or ignore_index=", ignore_index);
+    out[j] = static_cast<int64_t>(t);
+  }
+  for (int64_t j = count; j < tile; ++j) out[j] = -1;
+}
+
+struct ClassWeights {
+  template <typename acc_t>
+  static acc_t total(const acc_t* weight, int64_t classes) {
+    if (weight == nullptr) return static_cast<acc_t>(classes);
+    acc_t sum = 0;
+    for (int64_t c = 0; c < classes; ++c) sum += weight[c];
+    return sum;
+  }
+};
+
+template <typename scalar_t, typename target_t>
+void forward_typed(const CrossEntropyArgs& a, at::Tensor& loss, at::Tensor& lse,
+                   at::Tensor& partials) {
+  using acc_t = typename Accumulate<scalar_t>::type;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t kVectors = TileLayout<acc_t>::kVectors;
+  constexpr int64_t kTile = TileLayout<acc_t>::kTile;
+
+  const int64_t batch = a.input.size(0), classes = a.input.size(1), pixels = a.input.size(2);
+  const int64_t stride_b = a.input.stride(0), stride_c = a.input.stride(1),
+                stride_s = a.input.stride(2);
+  const scalar_t* input = a.input.const_data_ptr<scalar_t>();
+  const target_t* target = a.target.const_data_ptr<target_t>();
+  const acc_t* weight = a.weight ? a.weight->const_data_ptr<acc_t>() : nullptr;
+  const acc_t* pixel_weight = a.pixel_weight ? a.pixel_weight->const_data_ptr<acc_t>() : nullptr;
+  const bool per_pixel = a.reduction == kReductionNone;
+  const bool smoothing = a.label_smoothing > 0;
+  const acc_t one_minus_eps = static_cast<acc_t>(1.0 - a.label_smoothing);
+  const acc_t eps_over_c = static_cast<acc_t>(a.label_smoothing / static_cast<double>(classes));
+  const acc_t weight_total = ClassWeights::total(weight, classes);
+  acc_t* lse_out = lse.data_ptr<acc_t>();
+  scalar_t* loss_out = per_pixel ? loss.data_ptr<scalar_t>() : nullptr;
+  double* partial_out = partials.data_ptr<double>();
+
+  const int64_t tiles_per_image = (pixels + kTile - 1) / kTile;
+  const int64_t tiles = batch * tiles_per_image;
+  const int64_t chunks = (tiles + kTilesPerChunk - 1) / kTilesPerChunk;
+
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<acc_t> buffer(classes * kTile);
+    int64_t ids[kTile];
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      double chunk_loss = 0, chunk_weight = 0;
+      const int64_t tile_end = std::min(tiles, (chunk + 1) * kTilesPerChunk);
+      for (int64_t tile = chunk * kTilesPerChunk; tile < tile_end; ++tile) {
+        const int64_t b = tile / tiles_per_image;
+        const int64_t s0 = (tile % tiles_per_image) * kTile;
+        const int64_t count = std::min(kTile, pixels - s0);
+        const int64_t pixel0 = b * pixels + s0;
+        load_tile<scalar_t, acc_t, kTile>(input + b * stride_b + s0 * stride_s, stride_c, stride_s,
+                                          classes, count, buffer.data());
+        load_targets(target + pixel0, count, kTile, classes, a.ignore_index, ids);
+
+        Vec max_v[kVectors], sum_v[kVectors], wsum_v[kVectors];
+        for (int64_t v = 0; v < kVectors; ++v) {
+          max_v[v] = Vec::loadu(buffer.data() + v * Vec::size());
+          sum_v[v] = Vec(acc_t(0));
+          wsum_v[v] = Vec(acc_t(0));
+        }
+        for (int64_t c = 1; c < classes; ++c)
+          for (int64_t v = 0; v < kVectors; ++v)
+            max_v[v] = at::vec::maximum(max_v[v], Vec::loadu(buffer.data() + c * kTile + v * Vec::size()));
+        for (int64_t c = 0; c < classes; ++c) {
+          const Vec w_c(weight ? weight[c] : acc_t(1));
+          for (int64_t v = 0; v < kVectors; ++v) {
+            const Vec shifted = Vec::loadu(buffer.data() + c * kTile + v * Vec::size()) - max_v[v];
+            sum_v[v] = sum_v[v] + shifted.exp();
+            if (smoothing) wsum_v[v] = at::vec::fmadd(w_c, shifted, wsum_v[v]);
+          }
+        }
+        acc_t max_s[kTile], sum_s[kTile], wsum_s[kTile];
+        for (int64_t v = 0; v < kVectors; ++v) {
+          max_v[v].store(max_s + v * Vec::size());
+          sum_v[v].store(sum_s + v * Vec::size());
+          wsum_v[v].store(wsum_s + v * Vec::size());
+        }
+        acc_t tile_loss = 0, tile_weight = 0;
+        for (int64_t j = 0; j < count; ++j) {
+          const acc_t log_sum = std::log(sum_s[j]);
+          lse_out[pixel0 + j] = max_s[j];
+          lse_out[batch * pixels + pixel0 + j] = log_sum;
+          acc_t pixel_loss = 0;
+          if (ids[j] >= 0) {
+            const acc_t pw = pixel_weight ? pixel_weight[pixel0 + j] : acc_t(1);
+            const acc_t w_t = weight ? weight[ids[j]] : acc_t(1);
+            const acc_t target_minus_max = buffer[ids[j] * kTile + j] - max_s[j];
+            pixel_loss = ce_pixel_loss<acc_t>(log_sum, target_minus_max, wsum_s[j], w_t,
+                                              weight_total, one_minus_eps, eps_over_c, pw);
+            tile_weight += w_t * pw;
+          }
+          if (per_pixel) {
+            loss_out[pixel0 + j] = static_cast<scalar_t>(pixel_loss);
+          } else {
+            tile_loss += pixel_loss;
+          }
+        }
+        chunk_loss += tile_loss;
+        chunk_weight += tile_weight;
+      }
+      partial_out[2 * chunk] = chunk_loss;
+      partial_out[2 * chunk + 1] = chunk_weight;
+    }
+  });
+}
+
+template <typename scalar_t, typename target_t>
+void backward_typed(const CrossEntropyArgs& a, const at::Tensor& grad_output,
+                    const at::Tensor& lse, const at::Tensor& total_weight, at::Tensor& grad_input) {
+  using acc_t = typename Accumulate<scalar_t>::type;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t kVectors = TileLayout<acc_t>::kVectors;
+  constexpr int64_t kTile = TileLayout<acc_t>::kTile;
+
+  const int64_t batch = a.input.size(0), classes = a.input.size(1), pixels = a.input.size(2);
+  const scalar_t* input = a.input.const_data_ptr<scalar_t>();
+  scalar_t* grad = grad_input.data_ptr<scalar_t>();
+  const target_t* target = a.target.const_data_ptr<target_t>();
+  const acc_t* weight = a.weight ? a.weight->const_data_ptr<acc_t>() : nullptr;
+  const acc_t* pixel_weight = a.pixel_weight ? a.pixel_weight->const_data_ptr<acc_t>() : nullptr;
+  const acc_t* lse_in = lse.const_data_ptr<acc_t>();
+  const bool per_pixel = a.reduction == kReductionNone;
+  const acc_t one_minus_eps = static_cast<acc_t>(1.0 - a.label_smoothing);
+  const acc_t eps_over_c = static_cast<acc_t>(a.label_smoothing / static_cast<double>(classes));
+  const acc_t weight_total = ClassWeights::total(weight, classes);
+  // The upstream scale: per pixel for "none"; one value otherwise (mean divides by the total
+  // weight, as eager does: 0 / 0 gives NaN when every pixel is ignored).
+  const at::Tensor grad_acc = grad_output.to(lse.scalar_type()).contiguous();
+  const acc_t* grad_per_pixel = per_pixel ? grad_acc.const_data_ptr<acc_t>() : nullptr;
+  acc_t grad_scalar = 0;
+  if (!per_pixel) {
+    grad_scalar = grad_acc.const_data_ptr<acc_t>()[0];
+    if (a.reduction == kReductionMean) grad_scalar /= total_weight.const_data_ptr<acc_t>()[0];
+  }
+
+  const int64_t tiles_per_image = (pixels + kTile - 1) / kTile;
+  const int64_t tiles = batch * tiles_per_image;
+  at::parallel_for(0, tiles, kTilesPerChunk, [&](int64_t tile_begin, int64_t tile_end) {
+    std::vector<acc_t> buffer(classes * kTile);
+    int64_t ids[kTile];
+    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+      const int64_t b = tile / tiles_per_image;
+      const int64_t s0 = (tile % tiles_per_image) * kTile;
+      const int64_t count = std::min(kTile, pixels - s0);
+      const int64_t pixel0 = b * pixels + s0;
+      load_tile<scalar_t, acc_t, kTile>(input + b * a.input.stride(0) + s0 * a.input.stride(2),
+                                        a.input.stride(1), a.input.stride(2), classes, count,
+                                        buffer.data());
+      load_targets(target + pixel0, count, kTile, classes, a.ignore_index, ids);
+
+      acc_t max_s[kTile], log_sum_s[kTile], scale_s[kTile], coef_s[kTile];
+      for (int64_t j = 0; j < kTile; ++j) {
+        const bool live = j < count && ids[j] >= 0;
+        const acc_t g = per_pixel ? (j < count ? grad_per_pixel[pixel0 + j] : acc_t(0)) : grad_scalar;
+        const acc_t pw = pixel_weight && j < count ? pixel_weight[pixel0 + j] : acc_t(1);
+        const acc_t w_t = live && weight ? weight[ids[j]] : acc_t(1);
+        max_s[j] = j < count ? lse_in[pixel0 + j] : acc_t(0);
+        log_sum_s[j] = j < count ? lse_in[batch * pixels + pixel0 + j] : acc_t(0);
+        scale_s[j] = live ? g * pw : acc_t(0);
+        coef_s[j] = ce_softmax_coefficient<acc_t>(w_t, weight_total, one_minus_eps, eps_over_c);
+      }
+      Vec max_v[kVectors], log_sum_v[kVectors], scale_v[kVectors], coef_v[kVectors];
+      for (int64_t v = 0; v < kVectors; ++v) {
+        max_v[v] = Vec::loadu(max_s + v * Vec::size());
+        log_sum_v[v] = Vec::loadu(log_sum_s + v * Vec::size());
+        scale_v[v] = Vec::loadu(scale_s + v * Vec::size());
+        coef_v[v] = Vec::loadu(coef_s + v * Vec::size());
+      }
+      const Vec eps_v(eps_over_c);
+      for (int64_t c = 0; c < classes; ++c) {
+        const Vec w_c(weight ? weight[c] : acc_t(1));
+        for (int64_t v = 0; v < kVectors; ++v) {
+          acc_t* slot = buffer.data() + c * kTile + v * Vec::size();
+          const Vec p = ((Vec::loadu(slot) - max_v[v]) - log_sum_v[v]).exp();
+          ce_class_gradient<Vec>(p, coef_v[v], eps_v, w_c, scale_v[v]).store(slot);
+        }
+      }
+      // The one-hot term, in the accumulation type before rounding to the logits' dtype.
+      for (int64_t j = 0; j < count; ++j) {
+        if (ids[j] < 0) continue;
+        const acc_t w_t = weight ? weight[ids[j]] : acc_t(1);
+        buffer[ids[j] * kTile + j] -= ce_target_gradient_term<acc_t>(w_t, one_minus_eps, scale_s[j]);
+      }
+      store_tile<scalar_t, acc_t, kTile>(buffer.data(), grad_input.stride(1), grad_input.stride(2),
+                                         classes, count,
+                                         grad + b * grad_input.stride(0) + s0 * grad_input.stride(2));
+    }
+  });
+}
+
+#define FASTSEG_CE_DISPATCH(ARGS, NAME, ...)                                                   \
+  AT_DISPATCH_FLOATING_TYPES_AND2(                                                              \
+      at::kHalf, at::kBFloat16, (ARGS).input.scalar_type(), NAME, [&] {                         \
+        using logits_t = scalar_t;                                                              \
+        AT_DISPATCH_SWITCH((ARGS).target.scalar_type(), NAME,                                   \
+                           AT_DISPATCH_CASE(at::kByte, [&] { __VA_ARGS__(logits_t, uint8_t); }) \
+                           AT_DISPATCH_CASE(at::kInt, [&] { __VA_ARGS__(logits_t, int32_t); })  \
+                           AT_DISPATCH_CASE(at::kLong, [&] { __VA_ARGS__(logits_t, int64_t); })); \
+      })
+
+void softmax_cross_entropy_forward_kernel(const CrossEntropyArgs& a, at::Tensor& loss,
+                                          at::Tensor& lse, at::Tensor& partials) {
+#define FASTSEG_CE_FORWARD(S, T) forward_typed<S, T>(a, loss, lse, partials)
+  FASTSEG_CE_DISPATCH(a, "softmax_cross_entropy_forward", FASTSEG_CE_FORWARD);
+#undef FASTSEG_CE_FORWARD
+}
+
+void softmax_cross_entropy_backward_kernel(const CrossEntropyArgs& a, const at::Tensor& grad_output,
+                                           const at::Tensor& lse, const at::Tensor& total_weight,
+                                           at::Tensor& grad_input) {
+#define FASTSEG_CE_BACKWARD(S, T) backward_typed<S, T>(a, grad_output, lse, total_weight, grad_input)
+  FASTSEG_CE_DISPATCH(a, "softmax_cross_entropy_backward", FASTSEG_CE_BACKWARD);
+#undef FASTSEG_CE_BACKWARD
+}
+
+int64_t softmax_cross_entropy_chunks(int64_t batch, int64_t pixels, bool is_double) {
+  const int64_t tile = is_double ? TileLayout<double>::kTile : TileLayout<float>::kTile;
+  const int64_t tiles = batch * ((pixels + tile - 1) / tile);
+  return (tiles + kTilesPerChunk - 1) / kTilesPerChunk;
+}
+
+}  // namespace CPU_CAPABILITY
+
+#ifdef FASTSEG_CPU_DISPATCH_UNIT
+FASTSEG_DECLARE_CPU_VARIANTS(
+    void softmax_cross_entropy_forward_kernel(const CrossEntropyArgs&, at::Tensor&, at::Tensor&, at::Tensor&);
+    void softmax_cross_entropy_backward_kernel(const CrossEntropyArgs&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&, at::Tensor&);
+    int64_t softmax_cross_entropy_chunks(int64_t, int64_t, bool);)
+
+namespace {
+
+void check_inputs(const CrossEntropyArgs& a) {
+  const auto& input = a.input;
+  TORCH_CHECK_VALUE(input.dim() == 3, "softmax_cross_entropy_forward: input must be (B, C, S), got ",
+                    input.sizes());
+  TORCH_CHECK_VALUE(input.size(1) > 0, "softmax_cross_entropy_forward: input has no classes");
+  TORCH_CHECK_VALUE(a.target.dim() == 2 && a.target.size(0) == input.size(0) &&
+                        a.target.size(1) == input.size(2),
+                    "softmax_cross_entropy_forward: target must be (B, S) = (", input.size(0), ", ",
+                    input.size(2), "), got ", a.target.sizes());
+  TORCH_CHECK_TYPE(a.target.scalar_type() == at::kByte || a.target.scalar_type() == at::kInt ||
+                       a.target.scalar_type() == at::kLong,
+                   "softmax_cross_entropy_forward: target must be uint8, int32 or int64, got ",
+                   a.target.scalar_type());
+  TORCH_CHECK_VALUE(a.target.is_contiguous(), "softmax_cross_entropy_forward: target must be contiguous");
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (a.weight) {
+    TORCH_CHECK_VALUE(a.weight->dim() == 1 && a.weight->size(0) == input.size(1) &&
+                          a.weight->scalar_type() == acc && a.weight->is_contiguous(),
+                      "softmax_cross_entropy_forward: weight must be a contiguous (", input.size(1),
+                      ",) tensor of ", acc, ", got ", a.weight->sizes(), " ", a.weight->scalar_type());
+  }
+  if (a.pixel_weight) {
+    TORCH_CHECK_VALUE(a.pixel_weight->sizes() == a.target.sizes() &&
+                          a.pixel_weight->scalar_type() == acc && a.pixel_weight->is_contiguous(),
+                      "softmax_cross_entropy_forward: pixel_weight must be a contiguous ",
+                      a.target.sizes(), " tensor of ", acc, ", got ", a.pixel_weight->sizes(), " ",
+                      a.pixel_weight->scalar_type());
+  }
+  TORCH_CHECK_VALUE(a.reduction >= 0 && a.reduction <= 2,
+                    "softmax_cross_entropy_forward: reduction must be 0, 1 or 2, got ", a.reduction);
+  TORCH_CHECK_VALUE(a.label_smoothing >= 0.0 && a.label_smoothing <= 1.0,
+                    "softmax_cross_entropy_forward: label_smoothing must be in [0, 1], got ",
+                    a.label_smoothing);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& pixel_weight, int64_t ignore_index, int64_t reduction,
+    double label_smoothing) {
+  const CrossEntropyArgs a{input, target, weight, pixel_weight, ignore_index, reduction, label_smoothing};
+  check_inputs(a);
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto lse = at::empty({2, target.size(0), target.size(1)}, input.options().dtype(acc));
+  const bool per_pixel = reduction == kReductionNone;
+  auto loss = per_pixel ? at::empty(target.sizes(), input.options()) : at::Tensor();
+  const int64_t chunks = FASTSEG_CPU_CALL(softmax_cross_entropy_chunks, input.size(0), input.size(2),
+                                          acc == at::kDouble);
+  auto partials = at::zeros({chunks, 2}, input.options().dtype(at::kDouble));
+  FASTSEG_CPU_CALL(softmax_cross_entropy_forward_kernel, a, loss, lse, partials);
+  const auto sums = partials.sum(0);  // in chunk order: deterministic
+  if (!per_pixel) {
+    loss = (reduction == kReductionMean ? sums[0] / sums[1] : sums[0]).to(input.scalar_type());
+  }
+  return {loss, lse, sums[1].to(acc)};
+}
+
+at::Tensor backward_cpu(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
+                        const at::Tensor& lse, const at::Tensor& total_weight,
+                        const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& pixel_weight, int64_t ignore_index,
+                        int64_t reduction, double label_smoothing) {
+  const CrossEntropyArgs a{input, target, weight, pixel_weight, ignore_index, reduction, label_smoothing};
+  check_inputs(a);
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == 2 && lse.size(1) == target.size(0) &&
+                        lse.size(2) == target.size(1) && lse.scalar_type() == acc && lse.is_contiguous(),
+                    "softmax_cross_entropy_backward: lse must be a contiguous (2, B, S) tensor of ",
+                    acc, ", got ", lse.sizes(), " ", lse.scalar_type());
+  TORCH_CHECK_VALUE(total_weight.numel() == 1 && total_weight.scalar_type() == acc,
+                    "softmax_cross_entropy_backward: total_weight must be a one-element ", acc, " tensor");
+  if (reduction == kReductionNone) {
+    TORCH_CHECK_VALUE(grad_output.sizes() == target.sizes(),
+                      "softmax_cross_entropy_backward: grad_output must be ", target.sizes(),
+                      " for reduction none, got ", grad_output.sizes());
+  } else {
+    TORCH_CHECK_VALUE(grad_output.numel() == 1,
+                      "softmax_cross_entropy_backward: grad_output must have one element, got ",
+                      grad_output.sizes());
+  }
+  auto grad_input = at::empty_like(input);
+  FASTSEG_CPU_CALL(softmax_cross_entropy_backward_kernel, a, grad_output, lse, total_weight, grad_input);
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastseg, CPU, m) {
+  m.impl("softmax_cross_entropy_forward", &forward_cpu);
+  m.impl("softmax_cross_entropy_backward", &backward_cpu);
+}
+#endif  // FASTSEG_CPU_DISPATCH_UNIT
+
+}  // namespace fastseg::cpu

@@ -1,0 +1,43 @@
+import os
+
+import pytest
+import torch
+
+import fastseg
+from fastseg import _backend
+
+HAS_CUDA = torch.cuda.is_available()
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def devices():
+    """cpu always; cuda (marked) when a GPU is present."""
+    out = [pytest.param("cpu", id="cpu")]
+    out.append(pytest.param("cuda", id="cuda", marks=[
+        pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]))
+    return out
+
+
+def fused_backends(op: str, device: str) -> list[str]:
+    """The fused backends expected to serve float32 inputs on `device` in this process."""
+    if device == "cpu":
+        return ["cpu"] if _backend.extension_error() is None else []
+    names = []
+    if _backend.cuda_kernels_error() is None:
+        names.append("cuda")
+    try:
+        import triton  # noqa: F401
+        names.append("triton")
+    except ImportError:
+        pass
+    return names
+
+
+@pytest.fixture(autouse=True)
+def _fresh_backend_state():
+    """Every test starts from backend "auto" with no active overrides."""
+    saved = (_backend._default, list(_backend._overrides))
+    fastseg.set_backend("auto")
+    _backend._overrides.clear()
+    yield
+    _backend._default, _backend._overrides[:] = saved[0], saved[1]
