@@ -110,7 +110,10 @@ def main():
         raise SystemExit("FASTSEG_BUILD_CUDA=1 but the installed torch is a CPU-only build")
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    # -fopenmp: at::parallel_for is inline OpenMP in ATen's headers; without the flag the
+    # pragma is ignored and every kernel runs on one thread.
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp",
+                 f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     capabilities = cpu_capabilities()
     define_macros = [("FASTSEG_HAVE_CPU_" + name, "1") for name in capabilities]
@@ -197,6 +200,7 @@ def main():
         define_macros=define_macros + [("CPU_CAPABILITY", "DEFAULT"),
                                        ("FASTSEG_CPU_DISPATCH_UNIT", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )
     log("compile command base: " + shlex.join(cxx_flags))

@@ -1,10 +1,10 @@
 // Fused softmax cross-entropy on the CPU.
 //
 // The logits arrive as a (B, C, S) view with any strides. Pixels are processed in tiles of
-// kTile consecutive pixels of one image: a tile is copied (converted to the accumulation
-// type) into a small [C][kTile] buffer that stays in L1, so the class loops run on
-// contiguous vectors whatever the layout (NCHW reads kTile contiguous values per class,
-// channels_last C contiguous values per pixel). The forward makes two passes over the
+// consecutive pixels of one image: a tile is copied (converted to the accumulation type)
+// into a [C][tile] buffer that stays in L1, so the class loops run on contiguous vectors
+// whatever the layout (NCHW reads a run of pixels per class, channels_last C contiguous
+// values per pixel). The forward makes two passes over the
 // buffer (max, then exp-sum) and saves the per-pixel logsumexp as its two parts, max and
 // log(sum) (their float sum would lose ulp(max) in every probability); the backward makes one
 // more pass over the logits and writes the gradient. Reductions go through fixed-size
@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "fastseg/cpu_capability.h"
+#include "fastseg/cpu_vec.h"
 #include "fastseg/softmax_cross_entropy.h"
 
 namespace fastseg::cpu {
@@ -44,7 +45,11 @@ namespace CPU_CAPABILITY {
 using at::vec::Vectorized;
 
 // Tiles per reduction chunk: fixed, so the summation order does not depend on threads.
-constexpr int64_t kTilesPerChunk = 16;
+constexpr int64_t kTilesPerChunk = 8;
+// Vector columns that advance together in the class loops, so that their max / sum chains
+// overlap instead of each waiting on its own add latency.
+constexpr int64_t kGroup = 4;
+constexpr int64_t kMaxTile = 1024;
 
 template <typename scalar_t>
 struct Accumulate {
@@ -55,54 +60,59 @@ struct Accumulate<double> {
   using type = double;
 };
 
+// Pixels per tile: as many as keep the [C][tile] buffer near 24 KB (L1), at least one
+// vector group. Long runs along the pixels matter: an NCHW image's C class rows lie S
+// elements apart, the same cache sets for power-of-two S, so short per-row reads thrash.
 template <typename acc_t>
-struct TileLayout {
-  using Vec = Vectorized<acc_t>;
-  static constexpr int64_t kVectors = 2;  // two vectors per class row: more exps in flight
-  static constexpr int64_t kTile = kVectors * Vec::size();
-};
+int64_t tile_pixels(int64_t classes) {
+  constexpr int64_t align = kGroup * Vectorized<acc_t>::size();
+  const int64_t fit = (24 * 1024 / static_cast<int64_t>(sizeof(acc_t))) / std::max<int64_t>(classes, 1);
+  return std::clamp<int64_t>(fit / align * align, align, kMaxTile);
+}
 
-// Copies pixels [s0, s0 + count) of image b into buffer[c * kTile + j] (zeros past count).
-template <typename scalar_t, typename acc_t, int64_t kTile>
+// Copies pixels [0, count) at `base` into buffer[c * tile + j], zero-padded to whole groups.
+template <typename scalar_t, typename acc_t>
 inline void load_tile(const scalar_t* base, int64_t stride_c, int64_t stride_s, int64_t classes,
-                      int64_t count, acc_t* buffer) {
+                      int64_t count, int64_t tile, acc_t* buffer) {
+  constexpr int64_t align = kGroup * Vectorized<acc_t>::size();
+  const int64_t padded = std::min(tile, (count + align - 1) / align * align);
   if (stride_s == 1) {
     for (int64_t c = 0; c < classes; ++c) {
       const scalar_t* row = base + c * stride_c;
-      acc_t* out = buffer + c * kTile;
+      acc_t* out = buffer + c * tile;
       for (int64_t j = 0; j < count; ++j) out[j] = static_cast<acc_t>(row[j]);
-      for (int64_t j = count; j < kTile; ++j) out[j] = acc_t(0);
+      for (int64_t j = count; j < padded; ++j) out[j] = acc_t(0);
     }
   } else {
     for (int64_t j = 0; j < count; ++j) {
       const scalar_t* pixel = base + j * stride_s;
-      for (int64_t c = 0; c < classes; ++c) buffer[c * kTile + j] = static_cast<acc_t>(pixel[c * stride_c]);
+      for (int64_t c = 0; c < classes; ++c) buffer[c * tile + j] = static_cast<acc_t>(pixel[c * stride_c]);
     }
-    for (int64_t j = count; j < kTile; ++j)
-      for (int64_t c = 0; c < classes; ++c) buffer[c * kTile + j] = acc_t(0);
+    for (int64_t c = 0; c < classes; ++c)
+      for (int64_t j = count; j < padded; ++j) buffer[c * tile + j] = acc_t(0);
   }
 }
 
-template <typename scalar_t, typename acc_t, int64_t kTile>
+template <typename scalar_t, typename acc_t>
 inline void store_tile(const acc_t* buffer, int64_t stride_c, int64_t stride_s, int64_t classes,
-                       int64_t count, scalar_t* base) {
+                       int64_t count, int64_t tile, scalar_t* base) {
   if (stride_s == 1) {
     for (int64_t c = 0; c < classes; ++c) {
-      const acc_t* in = buffer + c * kTile;
+      const acc_t* in = buffer + c * tile;
       scalar_t* row = base + c * stride_c;
       for (int64_t j = 0; j < count; ++j) row[j] = static_cast<scalar_t>(in[j]);
     }
   } else {
     for (int64_t j = 0; j < count; ++j) {
       scalar_t* pixel = base + j * stride_s;
-      for (int64_t c = 0; c < classes; ++c) pixel[c * stride_c] = static_cast<scalar_t>(buffer[c * kTile + j]);
+      for (int64_t c = 0; c < classes; ++c) pixel[c * stride_c] = static_cast<scalar_t>(buffer[c * tile + j]);
     }
   }
 }
 
-// Per-tile target ids: -1 marks ignored pixels and padding. Throws ValueError on a bad id.
+// Per-tile target ids: -1 marks ignored pixels. Throws ValueError on an id out of range.
 template <typename target_t>
-inline void load_targets(const target_t* target, int64_t count, int64_t tile, int64_t classes,
+inline void load_targets(const target_t* target, int64_t count, int64_t classes,
                          int64_t ignore_index, int64_t* out) {
   for (int64_t j = 0; j < count; ++j) {
     const target_t t = target[j];
@@ -115,27 +125,69 @@ inline void load_targets(const target_t* target, int64_t count, int64_t tile, in
                       ") or ignore_index=", ignore_index);
     out[j] = static_cast<int64_t>(t);
   }
-  for (int64_t j = count; j < tile; ++j) out[j] = -1;
 }
 
-struct ClassWeights {
-  template <typename acc_t>
-  static acc_t total(const acc_t* weight, int64_t classes) {
-    if (weight == nullptr) return static_cast<acc_t>(classes);
-    acc_t sum = 0;
-    for (int64_t c = 0; c < classes; ++c) sum += weight[c];
-    return sum;
+template <typename acc_t>
+acc_t total_class_weight(const acc_t* weight, int64_t classes) {
+  if (weight == nullptr) return static_cast<acc_t>(classes);
+  acc_t sum = 0;
+  for (int64_t c = 0; c < classes; ++c) sum += weight[c];
+  return sum;
+}
+
+// Per pixel of a tile: max over classes, log(sum exp(x - max)) and sum w[c] (x - max).
+// `rows` holds class c of the tile's pixel j at rows[c * row_stride + j].
+template <typename acc_t, bool kSmoothing>
+inline void tile_statistics(const acc_t* rows, int64_t row_stride, const acc_t* weight, int64_t classes,
+                            int64_t count, acc_t* max_out, acc_t* log_sum_out, acc_t* wsum_out) {
+  using Vec = Vectorized<acc_t>;
+  for (int64_t j0 = 0; j0 < count; j0 += kGroup * Vec::size()) {
+    const acc_t* column = rows + j0;
+    Vec m[kGroup], sum[kGroup], wsum[kGroup];
+    for (int64_t g = 0; g < kGroup; ++g) m[g] = Vec::loadu(column + g * Vec::size());
+    for (int64_t c = 1; c < classes; ++c)
+      for (int64_t g = 0; g < kGroup; ++g)
+        m[g] = max_for_shift(m[g], Vec::loadu(column + c * row_stride + g * Vec::size()));
+    for (int64_t g = 0; g < kGroup; ++g) sum[g] = wsum[g] = Vec(acc_t(0));
+    for (int64_t c = 0; c < classes; ++c) {
+      const Vec w_c(kSmoothing && weight ? weight[c] : acc_t(1));
+      for (int64_t g = 0; g < kGroup; ++g) {
+        const Vec shifted = Vec::loadu(column + c * row_stride + g * Vec::size()) - m[g];
+        sum[g] = sum[g] + exp_nonpositive(shifted);
+        if constexpr (kSmoothing) wsum[g] = at::vec::fmadd(w_c, shifted, wsum[g]);
+      }
+    }
+    for (int64_t g = 0; g < kGroup; ++g) {
+      m[g].store(max_out + j0 + g * Vec::size());
+      sum[g].log().store(log_sum_out + j0 + g * Vec::size());
+      wsum[g].store(wsum_out + j0 + g * Vec::size());
+    }
   }
+}
+
+// Whether a tile can be read straight from the logits: same type as the accumulator,
+// pixels contiguous, and whole vector groups (a partial group would read past the row).
+template <typename scalar_t, typename acc_t>
+inline bool reads_in_place(int64_t stride_s, int64_t count) {
+  return std::is_same_v<scalar_t, acc_t> && stride_s == 1 &&
+         count % (kGroup * Vectorized<acc_t>::size()) == 0;
+}
+
+// The tiles of the (B, C, S) view: tile i covers pixels [s0, s0 + count) of image b.
+struct TileGrid {
+  int64_t pixels, tile, per_image, count_all;
+  TileGrid(int64_t batch, int64_t pixels_, int64_t tile_)
+      : pixels(pixels_), tile(tile_), per_image((pixels_ + tile_ - 1) / tile_),
+        count_all(batch * ((pixels_ + tile_ - 1) / tile_)) {}
+  int64_t image(int64_t i) const { return i / per_image; }
+  int64_t start(int64_t i) const { return (i % per_image) * tile; }
+  int64_t count(int64_t i) const { return std::min(tile, pixels - start(i)); }
 };
 
 template <typename scalar_t, typename target_t>
 void forward_typed(const CrossEntropyArgs& a, at::Tensor& loss, at::Tensor& lse,
                    at::Tensor& partials) {
   using acc_t = typename Accumulate<scalar_t>::type;
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t kVectors = TileLayout<acc_t>::kVectors;
-  constexpr int64_t kTile = TileLayout<acc_t>::kTile;
-
   const int64_t batch = a.input.size(0), classes = a.input.size(1), pixels = a.input.size(2);
   const int64_t stride_b = a.input.stride(0), stride_c = a.input.stride(1),
                 stride_s = a.input.stride(2);
@@ -147,64 +199,51 @@ void forward_typed(const CrossEntropyArgs& a, at::Tensor& loss, at::Tensor& lse,
   const bool smoothing = a.label_smoothing > 0;
   const acc_t one_minus_eps = static_cast<acc_t>(1.0 - a.label_smoothing);
   const acc_t eps_over_c = static_cast<acc_t>(a.label_smoothing / static_cast<double>(classes));
-  const acc_t weight_total = ClassWeights::total(weight, classes);
-  acc_t* lse_out = lse.data_ptr<acc_t>();
+  const acc_t weight_total = total_class_weight(weight, classes);
+  acc_t* max_out = lse.data_ptr<acc_t>();
+  acc_t* log_sum_out = max_out + batch * pixels;
   scalar_t* loss_out = per_pixel ? loss.data_ptr<scalar_t>() : nullptr;
   double* partial_out = partials.data_ptr<double>();
-
-  const int64_t tiles_per_image = (pixels + kTile - 1) / kTile;
-  const int64_t tiles = batch * tiles_per_image;
-  const int64_t chunks = (tiles + kTilesPerChunk - 1) / kTilesPerChunk;
+  const TileGrid grid(batch, pixels, tile_pixels<acc_t>(classes));
+  const int64_t chunks = (grid.count_all + kTilesPerChunk - 1) / kTilesPerChunk;
 
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<acc_t> buffer(classes * kTile);
-    int64_t ids[kTile];
+    std::vector<acc_t> buffer(classes * grid.tile), max_s(grid.tile), log_sum_s(grid.tile),
+        wsum_s(grid.tile);
+    std::vector<int64_t> ids(grid.tile);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       double chunk_loss = 0, chunk_weight = 0;
-      const int64_t tile_end = std::min(tiles, (chunk + 1) * kTilesPerChunk);
-      for (int64_t tile = chunk * kTilesPerChunk; tile < tile_end; ++tile) {
-        const int64_t b = tile / tiles_per_image;
-        const int64_t s0 = (tile % tiles_per_image) * kTile;
-        const int64_t count = std::min(kTile, pixels - s0);
+      const int64_t tile_end = std::min(grid.count_all, (chunk + 1) * kTilesPerChunk);
+      for (int64_t i = chunk * kTilesPerChunk; i < tile_end; ++i) {
+        const int64_t b = grid.image(i), s0 = grid.start(i), count = grid.count(i);
         const int64_t pixel0 = b * pixels + s0;
-        load_tile<scalar_t, acc_t, kTile>(input + b * stride_b + s0 * stride_s, stride_c, stride_s,
-                                          classes, count, buffer.data());
-        load_targets(target + pixel0, count, kTile, classes, a.ignore_index, ids);
-
-        Vec max_v[kVectors], sum_v[kVectors], wsum_v[kVectors];
-        for (int64_t v = 0; v < kVectors; ++v) {
-          max_v[v] = Vec::loadu(buffer.data() + v * Vec::size());
-          sum_v[v] = Vec(acc_t(0));
-          wsum_v[v] = Vec(acc_t(0));
+        const scalar_t* tile_input = input + b * stride_b + s0 * stride_s;
+        const acc_t* rows = buffer.data();
+        int64_t row_stride = grid.tile;
+        if (reads_in_place<scalar_t, acc_t>(stride_s, count)) {
+          rows = reinterpret_cast<const acc_t*>(tile_input);
+          row_stride = stride_c;
+        } else {
+          load_tile(tile_input, stride_c, stride_s, classes, count, grid.tile, buffer.data());
         }
-        for (int64_t c = 1; c < classes; ++c)
-          for (int64_t v = 0; v < kVectors; ++v)
-            max_v[v] = at::vec::maximum(max_v[v], Vec::loadu(buffer.data() + c * kTile + v * Vec::size()));
-        for (int64_t c = 0; c < classes; ++c) {
-          const Vec w_c(weight ? weight[c] : acc_t(1));
-          for (int64_t v = 0; v < kVectors; ++v) {
-            const Vec shifted = Vec::loadu(buffer.data() + c * kTile + v * Vec::size()) - max_v[v];
-            sum_v[v] = sum_v[v] + shifted.exp();
-            if (smoothing) wsum_v[v] = at::vec::fmadd(w_c, shifted, wsum_v[v]);
-          }
+        load_targets(target + pixel0, count, classes, a.ignore_index, ids.data());
+        if (smoothing) {
+          tile_statistics<acc_t, true>(rows, row_stride, weight, classes, count, max_s.data(),
+                                       log_sum_s.data(), wsum_s.data());
+        } else {
+          tile_statistics<acc_t, false>(rows, row_stride, weight, classes, count, max_s.data(),
+                                        log_sum_s.data(), wsum_s.data());
         }
-        acc_t max_s[kTile], sum_s[kTile], wsum_s[kTile];
-        for (int64_t v = 0; v < kVectors; ++v) {
-          max_v[v].store(max_s + v * Vec::size());
-          sum_v[v].store(sum_s + v * Vec::size());
-          wsum_v[v].store(wsum_s + v * Vec::size());
-        }
-        acc_t tile_loss = 0, tile_weight = 0;
+        double tile_loss = 0, tile_weight = 0;  // float sums over a whole tile lose digits
         for (int64_t j = 0; j < count; ++j) {
-          const acc_t log_sum = std::log(sum_s[j]);
-          lse_out[pixel0 + j] = max_s[j];
-          lse_out[batch * pixels + pixel0 + j] = log_sum;
+          max_out[pixel0 + j] = max_s[j];
+          log_sum_out[pixel0 + j] = log_sum_s[j];
           acc_t pixel_loss = 0;
           if (ids[j] >= 0) {
             const acc_t pw = pixel_weight ? pixel_weight[pixel0 + j] : acc_t(1);
             const acc_t w_t = weight ? weight[ids[j]] : acc_t(1);
-            const acc_t target_minus_max = buffer[ids[j] * kTile + j] - max_s[j];
-            pixel_loss = ce_pixel_loss<acc_t>(log_sum, target_minus_max, wsum_s[j], w_t,
+            const acc_t target_minus_max = rows[ids[j] * row_stride + j] - max_s[j];
+            pixel_loss = ce_pixel_loss<acc_t>(log_sum_s[j], target_minus_max, wsum_s[j], w_t,
                                               weight_total, one_minus_eps, eps_over_c, pw);
             tile_weight += w_t * pw;
           }
@@ -228,20 +267,18 @@ void backward_typed(const CrossEntropyArgs& a, const at::Tensor& grad_output,
                     const at::Tensor& lse, const at::Tensor& total_weight, at::Tensor& grad_input) {
   using acc_t = typename Accumulate<scalar_t>::type;
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t kVectors = TileLayout<acc_t>::kVectors;
-  constexpr int64_t kTile = TileLayout<acc_t>::kTile;
-
   const int64_t batch = a.input.size(0), classes = a.input.size(1), pixels = a.input.size(2);
   const scalar_t* input = a.input.const_data_ptr<scalar_t>();
   scalar_t* grad = grad_input.data_ptr<scalar_t>();
   const target_t* target = a.target.const_data_ptr<target_t>();
   const acc_t* weight = a.weight ? a.weight->const_data_ptr<acc_t>() : nullptr;
   const acc_t* pixel_weight = a.pixel_weight ? a.pixel_weight->const_data_ptr<acc_t>() : nullptr;
-  const acc_t* lse_in = lse.const_data_ptr<acc_t>();
+  const acc_t* max_in = lse.const_data_ptr<acc_t>();
+  const acc_t* log_sum_in = max_in + batch * pixels;
   const bool per_pixel = a.reduction == kReductionNone;
   const acc_t one_minus_eps = static_cast<acc_t>(1.0 - a.label_smoothing);
   const acc_t eps_over_c = static_cast<acc_t>(a.label_smoothing / static_cast<double>(classes));
-  const acc_t weight_total = ClassWeights::total(weight, classes);
+  const acc_t weight_total = total_class_weight(weight, classes);
   // The upstream scale: per pixel for "none"; one value otherwise (mean divides by the total
   // weight, as eager does: 0 / 0 gives NaN when every pixel is ignored).
   const at::Tensor grad_acc = grad_output.to(lse.scalar_type()).contiguous();
@@ -251,58 +288,63 @@ void backward_typed(const CrossEntropyArgs& a, const at::Tensor& grad_output,
     grad_scalar = grad_acc.const_data_ptr<acc_t>()[0];
     if (a.reduction == kReductionMean) grad_scalar /= total_weight.const_data_ptr<acc_t>()[0];
   }
+  const TileGrid grid(batch, pixels, tile_pixels<acc_t>(classes));
 
-  const int64_t tiles_per_image = (pixels + kTile - 1) / kTile;
-  const int64_t tiles = batch * tiles_per_image;
-  at::parallel_for(0, tiles, kTilesPerChunk, [&](int64_t tile_begin, int64_t tile_end) {
-    std::vector<acc_t> buffer(classes * kTile);
-    int64_t ids[kTile];
-    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-      const int64_t b = tile / tiles_per_image;
-      const int64_t s0 = (tile % tiles_per_image) * kTile;
-      const int64_t count = std::min(kTile, pixels - s0);
+  at::parallel_for(0, grid.count_all, 1, [&](int64_t tile_begin, int64_t tile_end) {
+    std::vector<acc_t> buffer(classes * grid.tile), max_s(grid.tile), log_sum_s(grid.tile),
+        scale_s(grid.tile), coef_s(grid.tile);
+    std::vector<int64_t> ids(grid.tile);
+    const Vec eps_v(eps_over_c);
+    for (int64_t i = tile_begin; i < tile_end; ++i) {
+      const int64_t b = grid.image(i), s0 = grid.start(i), count = grid.count(i);
       const int64_t pixel0 = b * pixels + s0;
-      load_tile<scalar_t, acc_t, kTile>(input + b * a.input.stride(0) + s0 * a.input.stride(2),
-                                        a.input.stride(1), a.input.stride(2), classes, count,
-                                        buffer.data());
-      load_targets(target + pixel0, count, kTile, classes, a.ignore_index, ids);
-
-      acc_t max_s[kTile], log_sum_s[kTile], scale_s[kTile], coef_s[kTile];
-      for (int64_t j = 0; j < kTile; ++j) {
+      const scalar_t* tile_input = input + b * a.input.stride(0) + s0 * a.input.stride(2);
+      scalar_t* tile_grad = grad + b * grad_input.stride(0) + s0 * grad_input.stride(2);
+      // In place: read the logits' rows and write the gradient's rows directly.
+      const bool in_place = reads_in_place<scalar_t, acc_t>(a.input.stride(2), count) &&
+                            grad_input.stride(2) == 1;
+      const acc_t* rows = reinterpret_cast<const acc_t*>(tile_input);
+      acc_t* out_rows = reinterpret_cast<acc_t*>(tile_grad);
+      int64_t row_stride = a.input.stride(1), out_row_stride = grad_input.stride(1);
+      if (!in_place) {
+        load_tile(tile_input, a.input.stride(1), a.input.stride(2), classes, count, grid.tile,
+                  buffer.data());
+        rows = out_rows = buffer.data();
+        row_stride = out_row_stride = grid.tile;
+      }
+      load_targets(target + pixel0, count, classes, a.ignore_index, ids.data());
+      const int64_t padded = (count + Vec::size() - 1) / Vec::size() * Vec::size();
+      for (int64_t j = 0; j < padded; ++j) {
         const bool live = j < count && ids[j] >= 0;
         const acc_t g = per_pixel ? (j < count ? grad_per_pixel[pixel0 + j] : acc_t(0)) : grad_scalar;
         const acc_t pw = pixel_weight && j < count ? pixel_weight[pixel0 + j] : acc_t(1);
         const acc_t w_t = live && weight ? weight[ids[j]] : acc_t(1);
-        max_s[j] = j < count ? lse_in[pixel0 + j] : acc_t(0);
-        log_sum_s[j] = j < count ? lse_in[batch * pixels + pixel0 + j] : acc_t(0);
+        max_s[j] = j < count ? max_in[pixel0 + j] : acc_t(0);
+        log_sum_s[j] = j < count ? log_sum_in[pixel0 + j] : acc_t(0);
         scale_s[j] = live ? g * pw : acc_t(0);
         coef_s[j] = ce_softmax_coefficient<acc_t>(w_t, weight_total, one_minus_eps, eps_over_c);
       }
-      Vec max_v[kVectors], log_sum_v[kVectors], scale_v[kVectors], coef_v[kVectors];
-      for (int64_t v = 0; v < kVectors; ++v) {
-        max_v[v] = Vec::loadu(max_s + v * Vec::size());
-        log_sum_v[v] = Vec::loadu(log_sum_s + v * Vec::size());
-        scale_v[v] = Vec::loadu(scale_s + v * Vec::size());
-        coef_v[v] = Vec::loadu(coef_s + v * Vec::size());
-      }
-      const Vec eps_v(eps_over_c);
-      for (int64_t c = 0; c < classes; ++c) {
-        const Vec w_c(weight ? weight[c] : acc_t(1));
-        for (int64_t v = 0; v < kVectors; ++v) {
-          acc_t* slot = buffer.data() + c * kTile + v * Vec::size();
-          const Vec p = ((Vec::loadu(slot) - max_v[v]) - log_sum_v[v]).exp();
-          ce_class_gradient<Vec>(p, coef_v[v], eps_v, w_c, scale_v[v]).store(slot);
+      for (int64_t j0 = 0; j0 < count; j0 += Vec::size()) {
+        const Vec max_v = Vec::loadu(max_s.data() + j0);
+        const Vec log_sum_v = Vec::loadu(log_sum_s.data() + j0);
+        const Vec scale_v = Vec::loadu(scale_s.data() + j0);
+        const Vec coef_v = Vec::loadu(coef_s.data() + j0);
+        for (int64_t c = 0; c < classes; ++c) {
+          const Vec p = exp_nonpositive((Vec::loadu(rows + c * row_stride + j0) - max_v) - log_sum_v);
+          const Vec w_c(weight ? weight[c] : acc_t(1));
+          ce_class_gradient<Vec>(p, coef_v, eps_v, w_c, scale_v).store(out_rows + c * out_row_stride + j0);
         }
       }
       // The one-hot term, in the accumulation type before rounding to the logits' dtype.
       for (int64_t j = 0; j < count; ++j) {
         if (ids[j] < 0) continue;
         const acc_t w_t = weight ? weight[ids[j]] : acc_t(1);
-        buffer[ids[j] * kTile + j] -= ce_target_gradient_term<acc_t>(w_t, one_minus_eps, scale_s[j]);
+        out_rows[ids[j] * out_row_stride + j] -= ce_target_gradient_term<acc_t>(w_t, one_minus_eps, scale_s[j]);
       }
-      store_tile<scalar_t, acc_t, kTile>(buffer.data(), grad_input.stride(1), grad_input.stride(2),
-                                         classes, count,
-                                         grad + b * grad_input.stride(0) + s0 * grad_input.stride(2));
+      if (!in_place) {
+        store_tile(buffer.data(), grad_input.stride(1), grad_input.stride(2), classes, count,
+                   grid.tile, tile_grad);
+      }
     }
   });
 }
@@ -332,10 +374,10 @@ void softmax_cross_entropy_backward_kernel(const CrossEntropyArgs& a, const at::
 #undef FASTSEG_CE_BACKWARD
 }
 
-int64_t softmax_cross_entropy_chunks(int64_t batch, int64_t pixels, bool is_double) {
-  const int64_t tile = is_double ? TileLayout<double>::kTile : TileLayout<float>::kTile;
-  const int64_t tiles = batch * ((pixels + tile - 1) / tile);
-  return (tiles + kTilesPerChunk - 1) / kTilesPerChunk;
+int64_t softmax_cross_entropy_chunks(int64_t batch, int64_t pixels, int64_t classes, bool is_double) {
+  const int64_t tile = is_double ? tile_pixels<double>(classes) : tile_pixels<float>(classes);
+  const TileGrid grid(batch, pixels, tile);
+  return (grid.count_all + kTilesPerChunk - 1) / kTilesPerChunk;
 }
 
 }  // namespace CPU_CAPABILITY
@@ -345,7 +387,7 @@ FASTSEG_DECLARE_CPU_VARIANTS(
     void softmax_cross_entropy_forward_kernel(const CrossEntropyArgs&, at::Tensor&, at::Tensor&, at::Tensor&);
     void softmax_cross_entropy_backward_kernel(const CrossEntropyArgs&, const at::Tensor&,
                                                const at::Tensor&, const at::Tensor&, at::Tensor&);
-    int64_t softmax_cross_entropy_chunks(int64_t, int64_t, bool);)
+    int64_t softmax_cross_entropy_chunks(int64_t, int64_t, int64_t, bool);)
 
 namespace {
 
@@ -395,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   const bool per_pixel = reduction == kReductionNone;
   auto loss = per_pixel ? at::empty(target.sizes(), input.options()) : at::Tensor();
   const int64_t chunks = FASTSEG_CPU_CALL(softmax_cross_entropy_chunks, input.size(0), input.size(2),
-                                          acc == at::kDouble);
+                                          input.size(1), acc == at::kDouble);
   auto partials = at::zeros({chunks, 2}, input.options().dtype(at::kDouble));
   FASTSEG_CPU_CALL(softmax_cross_entropy_forward_kernel, a, loss, lse, partials);
   const auto sums = partials.sum(0);  // in chunk order: deterministic

@@ -1,0 +1,313 @@
+#!/usr/bin/env bash
+# The whole GPU verification in one command, for a lent GPU machine (DESIGN.md, "Device").
+#
+#   scripts/gpu_check.sh                 # from anywhere; runs in the repository root
+#   OUT=/somewhere scripts/gpu_check.sh  # default OUT=./gpu-out
+#
+# Steps, in this order; each logs to its own file, a failing step does not stop the later
+# ones:
+#   env         nvidia-smi, versions (python, torch, CUDA, triton, nvcc, compute-sanitizer)
+#   build       pip install --no-build-isolation --no-deps -e . with TORCH_CUDA_ARCH_LIST=9.0
+#               (fallback: setup.py build_ext --inplace), then `python -m fastseg info`
+#   test-cuda   pytest -m cuda tests/
+#   triton-gpu  the tests selected by -k triton with TRITON_INTERPRET unset, so Triton
+#               compiles for the GPU instead of interpreting
+#   bench       fastseg bench --device cuda --out $OUT/bench   (results.json/.md, <op>.png)
+#   sanitizer   the CUDA tests under compute-sanitizer --tool memcheck (skipped if absent)
+#   test-all    the whole tests/ directory with CUDA available (all but triton_interpret)
+#
+# The whole run stays under GPU_CHECK_BUDGET_S (default 460 s, i.e. under 8 minutes): each
+# step runs under `timeout` for min(its cap, the time left less what the later steps need at
+# least), and the benchmark is told to start no new run after its share (--max-time).
+# At the end it prints a summary (also $OUT/summary.txt) and exits 1 if any step failed.
+#
+# What is left in $OUT (at most 8 files, as the device tool brings back):
+#   summary.txt       one line per step: status, exit code, seconds, log
+#   gpu_check.log     every step's log one after the other (each cut to its last 3000 lines)
+#   logs.tar.gz       the full logs/<step>.log files and pytest's junit XML
+#   bench/results.json, bench/results.md, bench/<op>.png
+# (GPU_CHECK_KEEP_LOGS=1 keeps the logs/ folder as well.)
+#
+# Knobs: PYTHON (default python3), GPU_CHECK_BUDGET_S, GPU_CHECK_STEPS (a subset, e.g.
+# "env build bench"), GPU_CHECK_BENCH_ARGS (extra `fastseg bench` arguments, e.g. --quick),
+# GPU_CHECK_SANITIZER_TESTS (pytest arguments under memcheck; default -m "cuda and not slow"
+# tests/), FASTSEG_GIT_COMMIT (the commit measured, recorded in the JSON: the machine's copy
+# of the tree may have no .git), TORCH_CUDA_ARCH_LIST (default 9.0).
+
+set -u
+cd "$(dirname "$0")/.." || exit 2
+ROOT=$(pwd)
+
+export OUT=${OUT:-$ROOT/gpu-out}
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
+export LOGS=$OUT/logs
+mkdir -p "$LOGS" "$OUT/bench"
+
+export PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export FASTSEG_BUILD_CUDA=${FASTSEG_BUILD_CUDA:-1}
+export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}
+# What tests/test_build.py must find in this build.
+export FASTSEG_EXPECT_EXTENSION=${FASTSEG_EXPECT_EXTENSION:-1}
+export FASTSEG_EXPECT_CUDA_KERNELS=${FASTSEG_EXPECT_CUDA_KERNELS:-1}
+unset TRITON_INTERPRET FASTSEG_BACKEND
+if [ -z "${FASTSEG_GIT_COMMIT:-}" ]; then
+    FASTSEG_GIT_COMMIT=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || true)
+fi
+export FASTSEG_GIT_COMMIT
+export GPU_CHECK_BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-}
+export GPU_CHECK_SANITIZER_TESTS=${GPU_CHECK_SANITIZER_TESTS:--m "cuda and not slow" tests/}
+
+BUDGET=${GPU_CHECK_BUDGET_S:-460}
+START=$(date +%s)
+
+# Exit codes a step uses besides 0 / failure.
+export RC_SKIP=200      # not applicable here (a tool is missing): not a failure
+export RC_NOTESTS=201   # pytest collected nothing for the selection: not a failure
+
+# ------------------------------------------------------------------------------------------
+# The steps. Each runs in its own bash under `timeout`, so everything it uses is exported.
+# ------------------------------------------------------------------------------------------
+
+pytest_args() {
+    # Common pytest flags; a per-test timeout when pytest-timeout is there.
+    local junit=$1
+    local args="-q -ra -p no:cacheprovider --junitxml=$junit"
+    if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+        args="$args --timeout=${GPU_CHECK_TEST_TIMEOUT:-120}"
+    fi
+    echo "$args"
+}
+
+run_pytest() {
+    # run_pytest JUNIT PYTEST-ARGS...: maps "no tests collected" (5) to RC_NOTESTS.
+    local junit=$1
+    shift
+    if ! "$PY" -c "import pytest" 2>/dev/null; then
+        echo "pytest is not installed for $PY"
+        return 1
+    fi
+    echo "+ $PY -m pytest $(pytest_args "$junit") $*"
+    eval "\"$PY\" -m pytest $(pytest_args "$junit") $*"
+    local rc=$?
+    [ "$rc" -eq 5 ] && return "$RC_NOTESTS"
+    return "$rc"
+}
+
+step_env() {
+    local rc=0
+    echo "== date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  host: $(hostname)  commit: ${FASTSEG_GIT_COMMIT:-unknown}"
+    echo "== nvidia-smi"
+    nvidia-smi || rc=1
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,clocks.max.sm,power.limit,temperature.gpu --format=csv || true
+    echo "== python and packages ($PY)"
+    "$PY" - <<'EOF' || rc=1
+import platform, sys
+print("python", sys.version.replace("\n", " "), sys.executable)
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+print("cuda available", torch.cuda.is_available(), "devices", torch.cuda.device_count())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs",
+          round(p.total_memory / 2**30, 1), "GiB", "L2", getattr(p, "L2_cache_size", "?"))
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as e:
+    print("triton: not importable:", e)
+for name in ("numpy", "pytest", "pytest_timeout", "xdist", "matplotlib", "tqdm", "setuptools", "ninja"):
+    try:
+        m = __import__(name)
+        print(name, getattr(m, "__version__", "?"))
+    except Exception as e:
+        print(name, "MISSING", type(e).__name__)
+if not torch.cuda.is_available():
+    sys.exit("torch sees no CUDA device")
+EOF
+    echo "== nvcc"; command -v nvcc && nvcc --version || echo "nvcc not on PATH (CUDA_HOME=${CUDA_HOME:-unset})"
+    echo "== compute-sanitizer"; command -v compute-sanitizer && compute-sanitizer --version || echo "compute-sanitizer not on PATH"
+    echo "== gcc"; gcc --version 2>/dev/null | head -1
+    echo "== machine"; nproc; free -g 2>/dev/null; df -h "$ROOT" 2>/dev/null; uname -a
+    return "$rc"
+}
+
+step_build() {
+    echo "+ TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST FASTSEG_BUILD_CUDA=$FASTSEG_BUILD_CUDA MAX_JOBS=$MAX_JOBS"
+    echo "+ $PY -m pip install --no-build-isolation --no-deps -v -e ."
+    if ! "$PY" -m pip install --no-build-isolation --no-deps -v -e .; then
+        echo "!! pip install failed; trying $PY setup.py build_ext --inplace"
+        "$PY" setup.py build_ext --inplace || return 1
+    fi
+    echo "+ $PY -m fastseg info"
+    "$PY" -m fastseg info || return 1
+}
+
+step_test_cuda() {
+    run_pytest "$LOGS/junit-test-cuda.xml" -m cuda tests/
+}
+
+step_triton_gpu() {
+    # The Triton tests with Triton JIT-compiling for this GPU instead of interpreting: every
+    # test whose name, parameters or module name triton (-k triton), TRITON_INTERPRET unset.
+    # (Tests that need the interpreter skip themselves here; the CUDA-marked tests of each op,
+    # which run its Triton backend on CUDA tensors, ran in test-cuda.)
+    run_pytest "$LOGS/junit-triton-gpu.xml" -k triton tests/
+}
+
+step_bench() {
+    local max_time=$(( ${STEP_TIMEOUT:-180} - 30 ))
+    [ "$max_time" -lt 20 ] && max_time=20
+    local cmd exe
+    # The console script pip installed beside this python, else the one on PATH.
+    exe="$(dirname "$(command -v "$PY")")/fastseg"
+    [ -x "$exe" ] || exe=$(command -v fastseg || true)
+    if [ -n "$exe" ] && "$exe" bench --help >/dev/null 2>&1; then
+        cmd=("$exe" bench)
+    else
+        echo "(the fastseg command is not usable; calling fastseg.bench.main directly)"
+        cmd=("$PY" -c "import sys; from fastseg.bench import main; sys.exit(main(sys.argv[1:]))")
+    fi
+    echo "+ ${cmd[*]} --device cuda --out $OUT/bench --max-time $max_time $GPU_CHECK_BENCH_ARGS"
+    # The extra arguments are meant to split into words.
+    # shellcheck disable=SC2086
+    "${cmd[@]}" --device cuda --out "$OUT/bench" --max-time "$max_time" $GPU_CHECK_BENCH_ARGS
+}
+
+step_sanitizer() {
+    if ! command -v compute-sanitizer >/dev/null 2>&1; then
+        echo "compute-sanitizer is not on PATH: skipped"
+        return "$RC_SKIP"
+    fi
+    # Exact-size cudaMalloc per tensor, so an access past a tensor's end is out of bounds for
+    # memcheck instead of landing in the caching allocator's slack.
+    export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+    echo "+ compute-sanitizer --tool memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) pytest $GPU_CHECK_SANITIZER_TESTS"
+    local junit="$LOGS/junit-sanitizer.xml"
+    eval "compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 86 \
+        --target-processes all \"$PY\" -m pytest $(pytest_args "$junit") -x $GPU_CHECK_SANITIZER_TESTS"
+    local rc=$?
+    [ "$rc" -eq 5 ] && return "$RC_NOTESTS"
+    [ "$rc" -eq 86 ] && echo "!! compute-sanitizer reported memory errors (see above)"
+    return "$rc"
+}
+
+step_test_all() {
+    local extra=""
+    if "$PY" -c "import xdist" 2>/dev/null; then
+        extra="-n ${GPU_CHECK_XDIST_WORKERS:-8}"
+    fi
+    # shellcheck disable=SC2086
+    run_pytest "$LOGS/junit-test-all.xml" $extra -m "\"not triton_interpret\"" tests/
+}
+
+export -f pytest_args run_pytest step_env step_build step_test_cuda step_triton_gpu step_bench \
+    step_sanitizer step_test_all
+
+# name, function, cap (s), least time it needs (s): the later steps' least times are held
+# back from each step's timeout so that every step gets its turn within the budget.
+STEP_TABLE="
+env        step_env         30   10
+build      step_build       240  60
+test-cuda  step_test_cuda   90   30
+triton-gpu step_triton_gpu  60   20
+bench      step_bench       180  60
+sanitizer  step_sanitizer   120  30
+test-all   step_test_all    150  40
+"
+WANTED=${GPU_CHECK_STEPS:-env build test-cuda triton-gpu bench sanitizer test-all}
+
+names=(); funcs=(); caps=(); mins=()
+while read -r name func cap min; do
+    [ -z "$name" ] && continue
+    case " $WANTED " in *" $name "*) ;; *) continue ;; esac
+    names+=("$name"); funcs+=("$func"); caps+=("$cap"); mins+=("$min")
+done <<< "$STEP_TABLE"
+
+statuses=(); rcs=(); secs=()
+failed=0
+for i in "${!names[@]}"; do
+    name=${names[$i]}
+    log="$LOGS/$name.log"
+    now=$(date +%s)
+    left=$(( BUDGET - (now - START) ))
+    reserve=0
+    for j in "${!names[@]}"; do
+        [ "$j" -gt "$i" ] && reserve=$(( reserve + mins[j] ))
+    done
+    limit=$(( left - reserve - 12 ))   # 12 s: timeout's kill grace and the wrap-up
+    [ "$limit" -gt "${caps[$i]}" ] && limit=${caps[$i]}
+    if [ "$limit" -lt 10 ]; then
+        echo "[$name] NOTIME: ${left}s left of the ${BUDGET}s budget" | tee "$log"
+        statuses+=("NOTIME"); rcs+=("-"); secs+=(0); failed=1
+        continue
+    fi
+    echo "[$name] running (timeout ${limit}s) -> $log"
+    t0=$(date +%s)
+    STEP_TIMEOUT=$limit timeout --kill-after=10 "$limit" bash -c "${funcs[$i]}" > "$log" 2>&1
+    rc=$?
+    dt=$(( $(date +%s) - t0 ))
+    case $rc in
+        0) status=PASS ;;
+        "$RC_SKIP") status=SKIP ;;
+        "$RC_NOTESTS") status=NOTESTS ;;
+        124|137) status=TIMEOUT; failed=1; echo "!! timed out after ${limit}s" >> "$log" ;;
+        *) status=FAIL; failed=1 ;;
+    esac
+    echo "[$name] $status (exit $rc, ${dt}s)"
+    statuses+=("$status"); rcs+=("$rc"); secs+=("$dt")
+done
+
+# ------------------------------------------------------------------------------------------
+# Summary, combined log, archive.
+# ------------------------------------------------------------------------------------------
+
+total=$(( $(date +%s) - START ))
+{
+    echo "gpu_check: commit ${FASTSEG_GIT_COMMIT:-unknown}, $(date -u +%Y-%m-%dT%H:%M:%SZ), ${total}s of ${BUDGET}s"
+    printf '%-11s %-8s %5s %6s  %s\n' step status exit secs log
+    for i in "${!statuses[@]}"; do
+        printf '%-11s %-8s %5s %6s  %s\n' "${names[$i]}" "${statuses[$i]}" "${rcs[$i]}" \
+            "${secs[$i]}" "logs/${names[$i]}.log"
+    done
+    if [ "$failed" -ne 0 ]; then echo "RESULT: FAILED"; else echo "RESULT: PASSED"; fi
+} > "$OUT/summary.txt"
+
+{
+    cat "$OUT/summary.txt"
+    for i in "${!statuses[@]}"; do
+        echo
+        echo "=================== ${names[$i]}: ${statuses[$i]} (exit ${rcs[$i]}, ${secs[$i]}s) ==================="
+        tail -n 3000 "$LOGS/${names[$i]}.log"
+    done
+} > "$OUT/gpu_check.log"
+
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs 2>/dev/null || true
+if [ "${GPU_CHECK_KEEP_LOGS:-0}" != "1" ] && [ -s "$OUT/logs.tar.gz" ]; then
+    rm -rf "$LOGS"
+fi
+
+# The end of the output is what a remote caller sees: failures' last lines, then the summary.
+for i in "${!statuses[@]}"; do
+    case ${statuses[$i]} in
+        FAIL|TIMEOUT)
+            echo
+            echo "----- last lines of ${names[$i]} (${statuses[$i]}) -----"
+            awk -v s="=================== ${names[$i]}:" 'index($0, s) == 1 {p = 1; n = 0; next}
+                /^=================== / {p = 0} p {buf[n++ % 40] = $0}
+                END {for (k = (n > 40 ? n - 40 : 0); k < n; k++) print buf[k % 40]}' \
+                "$OUT/gpu_check.log"
+            ;;
+    esac
+done
+if [ -f "$OUT/bench/results.md" ]; then
+    echo
+    echo "----- bench: full step (from $OUT/bench/results.md) -----"
+    awk '/^### full step/ {p = 1} /^### / && !/^### full step/ {p = 0} p' "$OUT/bench/results.md" | head -40
+fi
+echo
+cat "$OUT/summary.txt"
+echo "outputs in $OUT: $(cd "$OUT" && find . -type f | sed 's|^\./||' | sort | tr '\n' ' ')"
+[ "$failed" -eq 0 ]
