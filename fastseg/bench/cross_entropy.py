@@ -32,7 +32,7 @@ from fastseg.bench.harness import (
 IGNORE_INDEX = 255
 IGNORED_FRACTION = 0.05
 TARGET_DTYPE = torch.int64
-LSE_BYTES = 4  # the float32 per-pixel logsumexp a fused forward saves for its backward
+LSE_BYTES = 8  # the per-pixel float32 max and log-sum-exp a fused forward saves for backward
 
 # Segmentation workloads users run (N, C, H, W).
 GPU_PROBLEMS = [

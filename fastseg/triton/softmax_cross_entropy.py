@@ -17,7 +17,7 @@ Per pixel, in float32 and relative to the maximum m so that logits of +-1e4 stay
     smooth = W * log(s) - sum_c w_c * (x_c - m)            (W = sum_c w_c)
     loss   = pw * ((1 - eps) * nll + eps / C * smooth)
     dloss/dx_c = scale * (p_c * ((1 - eps) * w_t + eps / C * W) - eps / C * w_c)
-                 - [c == t] * scale * (1 - eps) * w_t       (p_c = exp(x_c - lse))
+                 - [c == t] * scale * (1 - eps) * w_t       (p_c = exp((x_c - m) - log(s)))
 
 with scale = g * pw (g = grad_output, divided by total_weight for "mean"). Ignored pixels
 have loss 0, weight 0 and gradient 0; a target that is neither a class nor ``ignore_index``
@@ -280,7 +280,7 @@ if triton is not None:
         weight_ptr,        # (C,) float32 class weights (dummy without HAS_WEIGHT)
         pixel_weight_ptr,  # (B, S) float32 pixel weights (dummy without HAS_PIXEL_WEIGHT)
         loss_ptr,          # (B, S) loss in the input dtype (written for REDUCTION == 0)
-        lse_ptr,           # (B, S) float32 logsumexp
+        lse_ptr,           # (B, S, 2) float32: per-pixel max and log(sum exp)
         partial_ptr,       # (2, num_programs) float32: per-program sums of loss, of w_t * pw
         C,
         S,
@@ -377,13 +377,15 @@ if triton is not None:
         loss = tl.where(active, loss, tl.where(invalid, float("nan"), 0.0))
         w_sum = tl.where(active, w_sum, 0.0)
 
-        tl.store(lse_ptr + row + offs_p, m + log_s, mask=mask_p)
+        # max and log(sum) kept apart: their float sum would cost ulp(max) in every p_c.
+        tl.store(lse_ptr + 2 * (row + offs_p), m, mask=mask_p)
+        tl.store(lse_ptr + 2 * (row + offs_p) + 1, log_s, mask=mask_p)
         if REDUCTION == 0:
             tl.store(loss_ptr + row + offs_p, loss.to(loss_ptr.dtype.element_ty), mask=mask_p)
         tl.store(partial_ptr + pid, tl.sum(loss, axis=0))
         tl.store(partial_ptr + tl.num_programs(0) + pid, tl.sum(w_sum, axis=0))
 
-    # Backward. For the pixels p of one tile of image b, with p_c = exp(x_c - lse) and
+    # Backward. For the pixels p of one tile of image b, with p_c = exp((x_c - m) - log(s)) and
     # scale = g * pw (g = grad_output[b, p] / grad_output / grad_output / total_weight):
     #   grad_c = scale * (p_c * ((1 - eps) * w_t + eps / C * W) - eps / C * w_c)
     #            - [c == t] * scale * (1 - eps) * w_t
@@ -393,7 +395,7 @@ if triton is not None:
         grad_output_ptr,   # (B, S) contiguous for REDUCTION == 0, else 0-d
         input_ptr,         # (B, C, S) logits, strides (stride_b, stride_c, stride_s)
         target_ptr,        # (B, S) uint8 / int32 / int64 class ids, contiguous
-        lse_ptr,           # (B, S) float32 logsumexp from the forward
+        lse_ptr,           # (B, S, 2) float32 max and log(sum exp) from the forward
         total_weight_ptr,  # 0-d float32 sum of w_t * pw (read for REDUCTION == 1)
         weight_ptr,        # (C,) float32 class weights (dummy without HAS_WEIGHT)
         pixel_weight_ptr,  # (B, S) float32 pixel weights (dummy without HAS_PIXEL_WEIGHT)
@@ -474,12 +476,13 @@ if triton is not None:
         else:
             p_coef = scale * w_t
             t_term = scale * w_t
-        lse = tl.load(lse_ptr + row + offs_p, mask=mask_p, other=0.0)
+        m = tl.load(lse_ptr + 2 * (row + offs_p), mask=mask_p, other=0.0)
+        log_s = tl.load(lse_ptr + 2 * (row + offs_p) + 1, mask=mask_p, other=0.0)
 
         for c0 in range(0, C, BLOCK_C):
             x, offs_c, mask_c = _load_logits(x_base, pix_off, mask_p, c0, C, stride_c,
                                              0.0, CLASS_UNIT, BLOCK_C)
-            p = tl.exp(x - lse[:, None])
+            p = tl.exp((x - m[:, None]) - log_s[:, None])
             grad = p * p_coef[:, None]
             if SMOOTHING:
                 if HAS_WEIGHT:
@@ -552,7 +555,7 @@ if triton is not None:
         B, C, S = input.shape
         config, pixel_unit, class_unit = select_config(input)
         num_programs = B * triton.cdiv(S, config.block_p)
-        lse = torch.empty((B, S), dtype=torch.float32, device=input.device)
+        lse = torch.empty((B, S, 2), dtype=torch.float32, device=input.device)
         partial = torch.empty((2, num_programs), dtype=torch.float32, device=input.device)
         if reduction == REDUCTION_NONE:
             loss = torch.empty((B, S), dtype=input.dtype, device=input.device)
