@@ -217,15 +217,13 @@ void forward_typed(const CrossEntropyArgs& a, at::Tensor& loss, at::Tensor& lse,
       for (int64_t i = chunk * kTilesPerChunk; i < tile_end; ++i) {
         const int64_t b = grid.image(i), s0 = grid.start(i), count = grid.count(i);
         const int64_t pixel0 = b * pixels + s0;
-        const scalar_t* tile_input = input + b * stride_b + s0 * stride_s;
+        // Always through the buffer: the max and sum passes read each class row twice, and
+        // NCHW rows S floats apart (S a power of two) share cache sets, so re-reads straight
+        // from the logits miss in L1 and L2; the buffer's rows are `tile` apart.
+        load_tile(input + b * stride_b + s0 * stride_s, stride_c, stride_s, classes, count,
+                  grid.tile, buffer.data());
         const acc_t* rows = buffer.data();
-        int64_t row_stride = grid.tile;
-        if (reads_in_place<scalar_t, acc_t>(stride_s, count)) {
-          rows = reinterpret_cast<const acc_t*>(tile_input);
-          row_stride = stride_c;
-        } else {
-          load_tile(tile_input, stride_c, stride_s, classes, count, grid.tile, buffer.data());
-        }
+        const int64_t row_stride = grid.tile;
         load_targets(target + pixel0, count, classes, a.ignore_index, ids.data());
         if (smoothing) {
           tile_statistics<acc_t, true>(rows, row_stride, weight, classes, count, max_s.data(),
@@ -262,6 +260,29 @@ void forward_typed(const CrossEntropyArgs& a, at::Tensor& loss, at::Tensor& lse,
   });
 }
 
+// Gradient of a tile without the one-hot term: out[c][j] = p * softmax_scale - smoothing_term.
+template <typename acc_t, bool kSmoothing>
+inline void tile_gradient(const acc_t* rows, int64_t row_stride, acc_t* out, int64_t out_stride,
+                          const acc_t* weight, acc_t eps_over_c, int64_t classes, int64_t count,
+                          const acc_t* max_s, const acc_t* log_sum_s, const acc_t* scale_s,
+                          const acc_t* softmax_scale_s) {
+  using Vec = Vectorized<acc_t>;
+  // Row by row: each class row of the tile is one sequential run in and out (the per-pixel
+  // vectors come from L1), so rows that share cache sets never evict each other mid-use.
+  for (int64_t c = 0; c < classes; ++c) {
+    const Vec w_eps(eps_over_c * (weight ? weight[c] : acc_t(1)));
+    const acc_t* row = rows + c * row_stride;
+    acc_t* out_row = out + c * out_stride;
+    for (int64_t j0 = 0; j0 < count; j0 += Vec::size()) {
+      const Vec p = exp_nonpositive((Vec::loadu(row + j0) - Vec::loadu(max_s + j0)) -
+                                    Vec::loadu(log_sum_s + j0));
+      Vec smoothing_term(acc_t(0));
+      if constexpr (kSmoothing) smoothing_term = Vec::loadu(scale_s + j0) * w_eps;
+      ce_class_gradient<Vec>(p, Vec::loadu(softmax_scale_s + j0), smoothing_term).store(out_row + j0);
+    }
+  }
+}
+
 template <typename scalar_t, typename target_t>
 void backward_typed(const CrossEntropyArgs& a, const at::Tensor& grad_output,
                     const at::Tensor& lse, const at::Tensor& total_weight, at::Tensor& grad_input) {
@@ -294,7 +315,6 @@ void backward_typed(const CrossEntropyArgs& a, const at::Tensor& grad_output,
     std::vector<acc_t> buffer(classes * grid.tile), max_s(grid.tile), log_sum_s(grid.tile),
         scale_s(grid.tile), coef_s(grid.tile);
     std::vector<int64_t> ids(grid.tile);
-    const Vec eps_v(eps_over_c);
     for (int64_t i = tile_begin; i < tile_end; ++i) {
       const int64_t b = grid.image(i), s0 = grid.start(i), count = grid.count(i);
       const int64_t pixel0 = b * pixels + s0;
@@ -322,18 +342,16 @@ void backward_typed(const CrossEntropyArgs& a, const at::Tensor& grad_output,
         max_s[j] = j < count ? max_in[pixel0 + j] : acc_t(0);
         log_sum_s[j] = j < count ? log_sum_in[pixel0 + j] : acc_t(0);
         scale_s[j] = live ? g * pw : acc_t(0);
-        coef_s[j] = ce_softmax_coefficient<acc_t>(w_t, weight_total, one_minus_eps, eps_over_c);
+        coef_s[j] = ce_softmax_scale<acc_t>(w_t, weight_total, one_minus_eps, eps_over_c, scale_s[j]);
       }
-      for (int64_t j0 = 0; j0 < count; j0 += Vec::size()) {
-        const Vec max_v = Vec::loadu(max_s.data() + j0);
-        const Vec log_sum_v = Vec::loadu(log_sum_s.data() + j0);
-        const Vec scale_v = Vec::loadu(scale_s.data() + j0);
-        const Vec coef_v = Vec::loadu(coef_s.data() + j0);
-        for (int64_t c = 0; c < classes; ++c) {
-          const Vec p = exp_nonpositive((Vec::loadu(rows + c * row_stride + j0) - max_v) - log_sum_v);
-          const Vec w_c(weight ? weight[c] : acc_t(1));
-          ce_class_gradient<Vec>(p, coef_v, eps_v, w_c, scale_v).store(out_rows + c * out_row_stride + j0);
-        }
+      if (a.label_smoothing > 0) {
+        tile_gradient<acc_t, true>(rows, row_stride, out_rows, out_row_stride, weight, eps_over_c,
+                                   classes, count, max_s.data(), log_sum_s.data(), scale_s.data(),
+                                   coef_s.data());
+      } else {
+        tile_gradient<acc_t, false>(rows, row_stride, out_rows, out_row_stride, weight, eps_over_c,
+                                    classes, count, max_s.data(), log_sum_s.data(), scale_s.data(),
+                                    coef_s.data());
       }
       // The one-hot term, in the accumulation type before rounding to the logits' dtype.
       for (int64_t j = 0; j < count; ++j) {

@@ -142,12 +142,13 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
   acc_t scale = ignored ? acc_t(0) : (per_pixel_scale ? grad_scale[i] : grad_scale[0]) * pw;
   if (!ignored && !valid) scale = std::numeric_limits<acc_t>::quiet_NaN();
   const acc_t w_t = valid && o.weight ? o.weight[t_index] : acc_t(1);
-  const acc_t coef = ce_softmax_coefficient<acc_t>(w_t, total_class_weight(o, classes),
-                                                   o.one_minus_eps, o.eps_over_c);
+  const acc_t softmax_scale = ce_softmax_scale<acc_t>(w_t, total_class_weight(o, classes),
+                                                      o.one_minus_eps, o.eps_over_c, scale);
   const acc_t pixel_max = lse[i], pixel_log_sum = lse[total_pixels + i];
   for (int64_t c = 0; c < classes; ++c) {
     const acc_t p = expf((static_cast<acc_t>(x[c * stride_c]) - pixel_max) - pixel_log_sum);
-    acc_t value = ce_class_gradient<acc_t>(p, coef, o.eps_over_c, o.weight ? o.weight[c] : acc_t(1), scale);
+    const acc_t smoothing_term = o.smoothing ? scale * o.eps_over_c * (o.weight ? o.weight[c] : acc_t(1)) : acc_t(0);
+    acc_t value = ce_class_gradient<acc_t>(p, softmax_scale, smoothing_term);
     if (c == t_index) value -= ce_target_gradient_term<acc_t>(w_t, o.one_minus_eps, scale);
     g[c * grad_stride_c] = static_cast<scalar_t>(value);
   }

@@ -46,18 +46,18 @@ C10_HOST_DEVICE inline T ce_pixel_loss(T log_sum, T target_minus_max, T weighted
   return pixel_weight * (one_minus_eps * nll + eps_over_c * smooth);
 }
 
-// Coefficient of p[c] in the gradient of one pixel.
+// Coefficient of p[c] in the gradient of one pixel, times the pixel's scale g * pw.
 template <typename T>
-C10_HOST_DEVICE inline T ce_softmax_coefficient(T target_weight, T weight_total,
-                                                T one_minus_eps, T eps_over_c) {
-  return one_minus_eps * target_weight + eps_over_c * weight_total;
+C10_HOST_DEVICE inline T ce_softmax_scale(T target_weight, T weight_total, T one_minus_eps,
+                                          T eps_over_c, T scale) {
+  return scale * (one_minus_eps * target_weight + eps_over_c * weight_total);
 }
 
-// Gradient of class c, without the target's one-hot term, for scale = g * pw.
+// Gradient of class c without the target's one-hot term. smoothing_term is
+// scale * eps / C * w[c] (zero without label smoothing: then this is one multiply).
 template <typename T>
-C10_HOST_DEVICE inline T ce_class_gradient(T p, T softmax_coefficient, T eps_over_c,
-                                           T class_weight, T scale) {
-  return scale * (p * softmax_coefficient - eps_over_c * class_weight);
+C10_HOST_DEVICE inline T ce_class_gradient(T p, T softmax_scale, T smoothing_term) {
+  return p * softmax_scale - smoothing_term;
 }
 
 // What the target class subtracts on top of ce_class_gradient (computed in float32 or
