@@ -456,13 +456,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   auto loss = per_pixel ? at::empty(target.sizes(), input.options()) : at::Tensor();
   const int64_t chunks = FASTSEG_CPU_CALL(softmax_cross_entropy_chunks, input.size(0), input.size(2),
                                           input.size(1), acc == at::kDouble);
-  auto partials = at::zeros({chunks, 2}, input.options().dtype(at::kDouble));
+  auto partials = at::empty({chunks, 2}, input.options().dtype(at::kDouble));
   FASTSEG_CPU_CALL(softmax_cross_entropy_forward_kernel, a, loss, lse, partials);
-  const auto sums = partials.sum(0);  // in chunk order: deterministic
-  if (!per_pixel) {
-    loss = (reduction == kReductionMean ? sums[0] / sums[1] : sums[0]).to(input.scalar_type());
+  // Chunk sums added in chunk order, here rather than through at::sum, whose order may
+  // depend on the thread count.
+  double loss_sum = 0, weight_sum = 0;
+  const double* partial = partials.const_data_ptr<double>();
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    loss_sum += partial[2 * chunk];
+    weight_sum += partial[2 * chunk + 1];
   }
-  return {loss, lse, sums[1].to(acc)};
+  if (!per_pixel) {
+    const double value = reduction == kReductionMean ? loss_sum / weight_sum : loss_sum;
+    loss = at::scalar_tensor(value, input.options());
+  }
+  return {loss, lse, at::scalar_tensor(weight_sum, input.options().dtype(acc))};
 }
 
 at::Tensor backward_cpu(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
