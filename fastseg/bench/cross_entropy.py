@@ -98,7 +98,7 @@ class CrossEntropySuite(Suite):
     baseline = "eager"
     bytes_model = (
         "P = N*H*W pixels, C classes, e = logit element size, t = 8 (int64 targets), "
-        "lse = 4 (float32 logsumexp per pixel). forward = P*C*e (read logits) + P*t "
+        "lse = 8 (float32 max and log-sum-exp per pixel). forward = P*C*e (read logits) + P*t "
         "(read targets) + loss write; backward = P*C*e (read logits) + P*t + P*lse (read the "
         "saved logsumexp) + P*C*e (write the gradient); full = forward + backward, i.e. "
         "logits read twice and the gradient written once. Ignored pixels are counted."
