@@ -274,6 +274,34 @@ if triton is not None:
     #                + eps / C * (W * log(s) - sum_c w_c * (x_c - m)))
     # stored per pixel (REDUCTION 0) and summed per program with w_t * pw (all reductions).
     @triton.jit
+    def _tile_pixels(S, stride_s, INT64_INDEX: tl.constexpr, PIXEL_UNIT: tl.constexpr,
+                     BLOCK_P: tl.constexpr):
+        """This program's image, its BLOCK_P pixel offsets, their mask and element offsets."""
+        pid = tl.program_id(0)
+        num_p_blocks = tl.cdiv(S, BLOCK_P)
+        pid_b = pid // num_p_blocks
+        offs_p = (pid - pid_b * num_p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < S
+        if INT64_INDEX:
+            offs_p = offs_p.to(tl.int64)
+        if PIXEL_UNIT:
+            pix_off = offs_p
+        else:
+            pix_off = offs_p * stride_s
+        return pid_b, offs_p, mask_p, pix_off
+
+    @triton.jit
+    def _load_targets(target_ptr, row, offs_p, mask_p, ignore_index, C):
+        """Targets: active (a class), invalid (neither a class nor ignored: never used as an
+        index) and the class index (0 where not active)."""
+        t = tl.load(target_ptr + row + offs_p, mask=mask_p, other=0).to(tl.int64)
+        not_ignored = t != ignore_index
+        is_class = (t >= 0) & (t < C)
+        active = mask_p & not_ignored & is_class
+        invalid = mask_p & not_ignored & ((t < 0) | (t >= C))
+        return active, invalid, tl.where(is_class, t, 0).to(tl.int32)
+
+    @triton.jit
     def softmax_cross_entropy_forward_kernel(
         input_ptr,         # (B, C, S) logits, strides (stride_b, stride_c, stride_s)
         target_ptr,        # (B, S) uint8 / int32 / int64 class ids, contiguous
@@ -301,28 +329,12 @@ if triton is not None:
         BLOCK_P: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        num_p_blocks = tl.cdiv(S, BLOCK_P)
-        pid_b = pid // num_p_blocks
-        pid_p = pid - pid_b * num_p_blocks
-        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < S
-        if INT64_INDEX:
-            offs_p = offs_p.to(tl.int64)
-        if PIXEL_UNIT:
-            pix_off = offs_p
-        else:
-            pix_off = offs_p * stride_s
+        pid_b, offs_p, mask_p, pix_off = _tile_pixels(S, stride_s, INT64_INDEX, PIXEL_UNIT, BLOCK_P)
         x_base = input_ptr + pid_b.to(tl.int64) * stride_b
         row = pid_b.to(tl.int64) * S  # start of image b in the (B, S) tensors
 
         # Target: ignored, a class, or invalid (never used as an index then).
-        t = tl.load(target_ptr + row + offs_p, mask=mask_p, other=0).to(tl.int64)
-        not_ignored = t != ignore_index
-        is_class = (t >= 0) & (t < C)
-        active = mask_p & not_ignored & is_class
-        invalid = mask_p & not_ignored & ((t < 0) | (t >= C))
-        t_idx = tl.where(is_class, t, 0).to(tl.int32)
+        active, invalid, t_idx = _load_targets(target_ptr, row, offs_p, mask_p, ignore_index, C)
 
         if SINGLE_CHUNK:
             x, offs_c, mask_c = _load_logits(x_base, pix_off, mask_p, 0, C, stride_c,
@@ -382,8 +394,8 @@ if triton is not None:
         tl.store(lse_ptr + 2 * (row + offs_p) + 1, log_s, mask=mask_p)
         if REDUCTION == 0:
             tl.store(loss_ptr + row + offs_p, loss.to(loss_ptr.dtype.element_ty), mask=mask_p)
-        tl.store(partial_ptr + pid, tl.sum(loss, axis=0))
-        tl.store(partial_ptr + tl.num_programs(0) + pid, tl.sum(w_sum, axis=0))
+        tl.store(partial_ptr + tl.program_id(0), tl.sum(loss, axis=0))
+        tl.store(partial_ptr + tl.num_programs(0) + tl.program_id(0), tl.sum(w_sum, axis=0))
 
     # Backward. For the pixels p of one tile of image b, with p_c = exp((x_c - m) - log(s)) and
     # scale = g * pw (g = grad_output[b, p] / grad_output / grad_output / total_weight):
@@ -423,18 +435,7 @@ if triton is not None:
         BLOCK_P: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        num_p_blocks = tl.cdiv(S, BLOCK_P)
-        pid_b = pid // num_p_blocks
-        pid_p = pid - pid_b * num_p_blocks
-        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < S
-        if INT64_INDEX:
-            offs_p = offs_p.to(tl.int64)
-        if PIXEL_UNIT:
-            pix_off = offs_p
-        else:
-            pix_off = offs_p * stride_s
+        pid_b, offs_p, mask_p, pix_off = _tile_pixels(S, stride_s, INT64_INDEX, PIXEL_UNIT, BLOCK_P)
         x_base = input_ptr + pid_b.to(tl.int64) * stride_b
         if GRAD_SAME_STRIDES:
             g_base = grad_input_ptr + pid_b.to(tl.int64) * stride_b
@@ -444,12 +445,7 @@ if triton is not None:
             g_pix_off = offs_p * grad_stride_s
         row = pid_b.to(tl.int64) * S
 
-        t = tl.load(target_ptr + row + offs_p, mask=mask_p, other=0).to(tl.int64)
-        not_ignored = t != ignore_index
-        is_class = (t >= 0) & (t < C)
-        active = mask_p & not_ignored & is_class
-        invalid = mask_p & not_ignored & ((t < 0) | (t >= C))
-        t_idx = tl.where(is_class, t, 0).to(tl.int32)
+        active, invalid, t_idx = _load_targets(target_ptr, row, offs_p, mask_p, ignore_index, C)
         fill = tl.where(invalid, float("nan"), 0.0)  # gradient of inactive pixels
 
         if REDUCTION == 0:
