@@ -447,3 +447,18 @@ def test_offset_logits_keep_eager_accuracy(device):
     for backend in fused_backends("softmax_cross_entropy", device):
         err, err_eager = offset_logits_errors(backend, device)
         assert err <= 2 * err_eager + 1e-9, (backend, err, err_eager)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape", [(0, 5, 3, 3), (2, 5, 0, 3), (0, 4), (3, 1000, 5, 7)], ids=str)
+def test_empty_inputs_and_many_classes(device, shape):
+    """Empty batches or maps give torch's results (mean of nothing is NaN); C = 1000 works."""
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    for backend in fused_backends("softmax_cross_entropy", device):
+        x, t = make_inputs(shape, device, dtype, seed=12)
+        for reduction in ("none", "mean", "sum"):
+            loss, grad = loss_and_grad(softmax_cross_entropy, x, t, reduction=reduction, backend=backend)
+            ref_loss, ref_grad = loss_and_grad(reference, x, t, reduction=reduction)
+            assert loss.shape == ref_loss.shape
+            torch.testing.assert_close(loss, ref_loss, equal_nan=True)
+            torch.testing.assert_close(grad, ref_grad, equal_nan=True)

@@ -12,6 +12,8 @@ twice but keep peak memory at logits + gradient.)
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastseg import _backend
@@ -141,19 +143,20 @@ def _as_pixels(input, target, pixel_weight):
     """(B, C, S) logits view, (B, S) contiguous targets and pixel weights, accumulation dtype."""
     acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     batch, classes = input.shape[0], input.shape[1]
+    pixels = math.prod(input.shape[2:])  # explicit, not -1: empty inputs have no unique -1
     if input.dim() == 2:  # (N, C): the N samples are the pixels of one image
         logits = input.t().unsqueeze(0)
-        batch = 1
+        batch, pixels = 1, input.shape[0]
     elif _spatial_is_mergeable(input):
-        logits = input.view(batch, classes, -1)
+        logits = input.view(batch, classes, pixels)
     else:
         # Spatial dims that no single stride can walk (e.g. a strided slice of H and W):
         # one copy, made here where it is visible, rather than a slower generic kernel.
-        logits = input.reshape(batch, classes, -1)
-    ids = target.reshape(batch, -1).contiguous()
+        logits = input.reshape(batch, classes, pixels)
+    ids = target.reshape(batch, pixels).contiguous()
     pixel_map = None
     if pixel_weight is not None:
-        pixel_map = pixel_weight.to(acc_dtype).reshape(batch, -1).contiguous()
+        pixel_map = pixel_weight.to(acc_dtype).reshape(batch, pixels).contiguous()
     return logits, ids, pixel_map, acc_dtype
 
 
