@@ -13,11 +13,13 @@ twice but keep peak memory at logits + gradient.)
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from fastseg import _backend
 from fastseg.ops import _reference
+from fastseg.ops._autograd import register_cross_entropy_autograd
 
 _REDUCTIONS = _reference.REDUCTIONS
 _TARGET_DTYPES = (torch.uint8, torch.int32, torch.int64)
@@ -201,6 +203,11 @@ def _cuda_reasons(input, target, weight=None, pixel_weight=None):
 
 
 def _triton_reasons(input, target, weight=None, pixel_weight=None):
+    if input.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        # Not importing triton here keeps `import fastseg` fast on CPU-only machines (its ops
+        # pull in torch._inductor: about 2 s).
+        return [f"input is on {input.device.type}: the triton backend needs CUDA tensors "
+                "(CPU tensors only under TRITON_INTERPRET=1, for tests)"]
     try:
         from fastseg.triton import softmax_cross_entropy as triton_ce
     except ImportError as e:  # the module itself guards a missing triton; this is a broken one
@@ -234,27 +241,6 @@ def _forward_op(name):
 
 # --- torch.library: fake implementations and autograd --------------------------------------
 
-def _register_autograd(forward_name: str, backward) -> None:
-    """Autograd for a forward op whose outputs are (loss, lse, total_weight)."""
-
-    def setup_context(ctx, inputs, output):
-        input, target, weight, pixel_weight, ignore_index, reduction, label_smoothing = inputs
-        _, lse, total_weight = output
-        ctx.save_for_backward(input, target, weight, pixel_weight, lse, total_weight)
-        ctx.options = (ignore_index, reduction, label_smoothing)
-
-    def backward_fn(ctx, grad_loss, grad_lse, grad_total_weight):
-        input, target, weight, pixel_weight, lse, total_weight = ctx.saved_tensors
-        grad_input = None
-        if ctx.needs_input_grad[0]:
-            grad = grad_loss.contiguous() if grad_loss.dim() else grad_loss
-            grad_input = backward(grad, input, target, lse, total_weight, weight, pixel_weight,
-                                  *ctx.options)
-        return grad_input, None, None, None, None, None, None
-
-    torch.library.register_autograd(forward_name, backward_fn, setup_context=setup_context)
-
-
 def _register_extension_ops() -> None:
     if _backend.extension_error() is not None:
         return
@@ -272,19 +258,15 @@ def _register_extension_ops() -> None:
           reduction, label_smoothing):
         return torch.empty_like(input)
 
-    _register_autograd("fastseg::softmax_cross_entropy_forward",
-                       torch.ops.fastseg.softmax_cross_entropy_backward)
-
-
-def _register_triton_ops() -> None:
-    try:
-        from fastseg.triton import softmax_cross_entropy as triton_ce
-    except ImportError:  # reported by _triton_reasons
-        return
-    if getattr(triton_ce, "forward", None) is None:  # triton is not installed
-        return
-    _register_autograd("fastseg::softmax_cross_entropy_forward_triton", triton_ce.backward)
+    register_cross_entropy_autograd("fastseg::softmax_cross_entropy_forward",
+                                    torch.ops.fastseg.softmax_cross_entropy_backward)
 
 
 _register_extension_ops()
-_register_triton_ops()
+if torch.cuda.is_available():
+    # With a GPU, register the Triton ops (and their autograd) now rather than on first use,
+    # which may happen inside a torch.compile trace.
+    try:
+        from fastseg.triton import softmax_cross_entropy as _triton_ce  # noqa: F401
+    except ImportError:  # reported by _triton_reasons
+        pass

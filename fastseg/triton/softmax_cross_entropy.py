@@ -648,6 +648,10 @@ if triton is not None:
         backward = torch.library.custom_op(BACKWARD_OP_NAME, _backward_impl, mutates_args=())
         backward.register_fake(_backward_impl)
 
+    # Autograd here, where the ops are defined, so that importing this module is enough.
+    from fastseg.ops._autograd import register_cross_entropy_autograd
+    register_cross_entropy_autograd(FORWARD_OP_NAME, backward)
+
 else:
     # No triton: no ops are registered (fastseg.ops checks for None), and
     # not_supported_reasons says why.
