@@ -202,6 +202,11 @@ def test_invalid_target_is_a_value_error_naming_it():
             t_bad[1, 2, 3] = bad
             with pytest.raises(ValueError, match=rf"target contains {bad}\b.*\[0, 5\)"):
                 softmax_cross_entropy(x, t_bad, backend=backend)
+        # A map big enough for several threads: the error crosses the parallel region.
+        x_big, t_big = make_inputs((2, 19, 128, 128), "cpu", torch.float32, ignore_fraction=0.0)
+        t_big[1, 100, 77] = 42
+        with pytest.raises(ValueError, match="target contains 42"):
+            softmax_cross_entropy(x_big, t_big, backend=backend)
         # uint8 ids cannot be negative but can be too large.
         t_bad = t.to(torch.uint8)
         t_bad[0, 0, 0] = 200
