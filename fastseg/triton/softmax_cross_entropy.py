@@ -536,6 +536,25 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
 
 
+def _launch_options(config, pixel_unit, class_unit, weight, pixel_weight, label_smoothing,
+                    reduction, int64_index) -> dict:
+    """The constexprs and launch options both kernels take."""
+    return dict(
+        HAS_WEIGHT=weight is not None,
+        HAS_PIXEL_WEIGHT=pixel_weight is not None,
+        SMOOTHING=label_smoothing > 0.0,
+        REDUCTION=reduction,
+        PIXEL_UNIT=pixel_unit,
+        CLASS_UNIT=class_unit,
+        INT64_INDEX=int64_index,
+        SINGLE_CHUNK=config.single_chunk,
+        BLOCK_P=config.block_p,
+        BLOCK_C=config.block_c,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
 if triton is not None:
 
     def _forward_impl(
@@ -566,18 +585,9 @@ if triton is not None:
                     loss, lse, partial,
                     C, S, *input.stride(),
                     ignore_index, 1.0 - label_smoothing, label_smoothing / C,
-                    HAS_WEIGHT=weight is not None,
-                    HAS_PIXEL_WEIGHT=pixel_weight is not None,
-                    SMOOTHING=label_smoothing > 0.0,
-                    REDUCTION=reduction,
-                    PIXEL_UNIT=pixel_unit,
-                    CLASS_UNIT=class_unit,
-                    INT64_INDEX=_needs_int64(input.shape, input.stride(), config.block_p),
-                    SINGLE_CHUNK=config.single_chunk,
-                    BLOCK_P=config.block_p,
-                    BLOCK_C=config.block_c,
-                    num_warps=config.num_warps,
-                    num_stages=config.num_stages,
+                    **_launch_options(config, pixel_unit, class_unit, weight, pixel_weight,
+                                      label_smoothing, reduction,
+                                      _needs_int64(input.shape, input.stride(), config.block_p)),
                 )
         # Deterministic: fixed-shape reductions on the device, no atomics, no host sync.
         # (Separate reductions so that no two outputs alias one buffer.)
@@ -618,19 +628,9 @@ if triton is not None:
                     grad_input,
                     C, S, *input.stride(), *grad_input.stride(),
                     ignore_index, 1.0 - label_smoothing, label_smoothing / C,
-                    HAS_WEIGHT=weight is not None,
-                    HAS_PIXEL_WEIGHT=pixel_weight is not None,
-                    SMOOTHING=label_smoothing > 0.0,
-                    REDUCTION=reduction,
-                    PIXEL_UNIT=pixel_unit,
-                    CLASS_UNIT=class_unit,
-                    INT64_INDEX=int64_index,
-                    SINGLE_CHUNK=config.single_chunk,
                     GRAD_SAME_STRIDES=same,
-                    BLOCK_P=config.block_p,
-                    BLOCK_C=config.block_c,
-                    num_warps=config.num_warps,
-                    num_stages=config.num_stages,
+                    **_launch_options(config, pixel_unit, class_unit, weight, pixel_weight,
+                                      label_smoothing, reduction, int64_index),
                 )
         return grad_input
 
