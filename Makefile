@@ -32,7 +32,7 @@ install: deps
 test: install
 	$(PY) -m pytest $(PYTEST_FLAGS) -m "not triton_interpret" tests
 	# Triton's interpreter must be switched on before triton is imported: its own process.
-	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_FLAGS) -m triton_interpret tests/test_triton_interpret.py
+	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_FLAGS) -m triton_interpret tests/test_triton_interpret*.py
 
 demo: install
 	$(VENV)/bin/fastseg bench --quick --out bench-out

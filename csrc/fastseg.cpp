@@ -25,4 +25,27 @@ TORCH_LIBRARY(fastseg, m) {
       "softmax_cross_entropy_backward(Tensor grad_output, Tensor input, Tensor target, "
       "Tensor lse, Tensor total_weight, Tensor? weight, Tensor? pixel_weight, "
       "int ignore_index, int reduction, float label_smoothing) -> Tensor");
+
+  // FCN decoder, bilinear form. x (N, C, Hi, Wi), skip None or (N, C, >= oy + Ho, >= ox + Wo),
+  // any strides; scales = PyTorch's source-per-destination scale per axis (1 / scale_factor,
+  // Hi / Ho, or (Hi - 1) / (Ho - 1) with align_corners). Returns (N, C, Ho, Wo) in x's memory
+  // format (channels_last when x is channels_last-contiguous and not contiguous).
+  m.def(
+      "upsample_add_forward(Tensor x, Tensor? skip, int[2] skip_offset, int[2] output_size, "
+      "float[2] scales, bool align_corners) -> Tensor");
+  // Gradient for x only (a gather: no atomics), in grad_output's memory format.
+  m.def(
+      "upsample_add_backward(Tensor grad_output, int[2] input_size, float[2] scales, "
+      "bool align_corners) -> Tensor");
+  // FCN decoder, deconvolution form. weight (C, 1, kh, kw) contiguous; the depthwise
+  // transposed convolution D (no padding) is cropped at `crop` to output_size, plus the skip
+  // cropped at skip_offset. Returns (N, C, Ho, Wo) in x's memory format.
+  m.def(
+      "deconv_add_forward(Tensor x, Tensor weight, Tensor? skip, int[2] stride, int[2] crop, "
+      "int[2] skip_offset, int[2] output_size) -> Tensor");
+  // Returns (grad_x like x's memory format, grad_weight (C, 1, kh, kw) in weight's dtype):
+  // both from one read of grad_output; grad_weight is summed in a fixed order.
+  m.def(
+      "deconv_add_backward(Tensor grad_output, Tensor x, Tensor weight, int[2] stride, "
+      "int[2] crop) -> (Tensor, Tensor)");
 }

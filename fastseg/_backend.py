@@ -145,3 +145,42 @@ def register_op(op: OpBackends) -> OpBackends:
 
 def registered_ops() -> dict[str, OpBackends]:
     return dict(_OPS)
+
+
+# --- reasons shared by the ops ------------------------------------------------------------
+
+FUSED_DTYPES = {
+    "cpu": ("float32", "float64", "float16", "bfloat16"),
+    "cuda": ("float32", "float16", "bfloat16"),
+}
+
+
+def extension_reasons(device_type: str, tensor) -> list[str]:
+    """Why the C++ kernels for `device_type` ("cpu" or "cuda") cannot take `tensor`."""
+    reasons = []
+    err = extension_error() if device_type == "cpu" else cuda_kernels_error()
+    if err:
+        reasons.append(err)
+    if tensor.device.type != device_type:
+        reasons.append(f"input is on {tensor.device.type}, the {device_type} backend needs "
+                       f"{device_type} tensors")
+    elif str(tensor.dtype).removeprefix("torch.") not in FUSED_DTYPES[device_type]:
+        reasons.append(f"{tensor.dtype} is not supported on {device_type}")
+    return reasons
+
+
+def triton_reasons(module: str, tensor, *args) -> list[str]:
+    """Why fastseg.triton.<module> cannot take these inputs (its not_supported_reasons)."""
+    import importlib
+    import os
+
+    if tensor.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        # Not importing triton here keeps `import fastseg` fast on CPU-only machines (its ops
+        # pull in torch._inductor: about 2 s).
+        return [f"input is on {tensor.device.type}: the triton backend needs CUDA tensors "
+                "(CPU tensors only under TRITON_INTERPRET=1, for tests)"]
+    try:
+        kernels = importlib.import_module(f"fastseg.triton.{module}")
+    except ImportError as e:  # the module itself guards a missing triton; this is a broken one
+        return [f"fastseg.triton.{module} failed to import ({e})"]
+    return list(kernels.not_supported_reasons(tensor, *args))

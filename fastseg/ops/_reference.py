@@ -56,3 +56,42 @@ def softmax_cross_entropy(
     )
     denominator = (class_weight * pixel_weight.to(per_pixel.dtype) * valid).sum()
     return per_pixel.sum() / denominator
+
+
+def upsample_add(
+    x: torch.Tensor,
+    skip: torch.Tensor | None,
+    size=None,
+    scale_factor=None,
+    align_corners: bool = False,
+    skip_offset=(0, 0),
+) -> torch.Tensor:
+    """F.interpolate(x, bilinear) + skip cropped at skip_offset to the interpolated size."""
+    up = F.interpolate(x, size=size, scale_factor=scale_factor, mode="bilinear",
+                       align_corners=align_corners)
+    if skip is None:
+        return up
+    oy, ox = skip_offset
+    return up + skip[:, :, oy:oy + up.shape[2], ox:ox + up.shape[3]]
+
+
+def deconv_add(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride,
+    skip: torch.Tensor | None = None,
+    crop=(0, 0),
+    skip_offset=(0, 0),
+    output_size=None,
+) -> torch.Tensor:
+    """FCN's per-class deconvolution, cropped, plus the cropped skip."""
+    full = F.conv_transpose2d(x, weight, stride=stride, groups=x.shape[1])
+    cy, cx = crop
+    if output_size is None:
+        output_size = (full.shape[2] - cy, full.shape[3] - cx)
+    ho, wo = output_size
+    out = full[:, :, cy:cy + ho, cx:cx + wo]
+    if skip is None:
+        return out
+    oy, ox = skip_offset
+    return out + skip[:, :, oy:oy + ho, ox:ox + wo]
