@@ -1,0 +1,288 @@
+// Fused per-class deconvolution + crop + skip-add (FCN's decoder) on the CPU.
+//
+// Forward, per output row of the cropped window: every input row that reaches it (at most
+// ceil(k / s)) adds, input cell by input cell, its value times one row of the class's kernel
+// into an accumulator row of Wo cells (each thread owns its rows, so this local scatter needs
+// no atomics and has a fixed order); the skip is added and the row written once.
+// Backward, per input row: the k rows of the output gradient it reaches are read once and
+// give both gradients - grad_x (the kernel taps dotted with the gradient) and the input's
+// contribution to grad_weight, accumulated per fixed block of input rows. The blocks are
+// summed in order at the end, so grad_weight repeats bit for bit for any thread count.
+// Rows are walked as planes of cells (cpu_planes.h); in channels_last order the kernel is
+// read transposed to (kh, kw, C) so that the innermost loop runs over contiguous channels.
+//
+// This file is compiled once per CPU capability (see setup.py and cpu_capability.h).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "fastseg/cpu_capability.h"
+#include "fastseg/cpu_planes.h"
+#include "fastseg/upsample_add.h"
+#include "fastseg/upsample_add_checks.h"
+
+namespace fastseg::cpu {
+
+struct DeconvGeometry {
+  int64_t in_h, in_w, out_h, out_w, kh, kw, stride_h, stride_w, crop_h, crop_w;
+};
+
+// Input rows per grad_weight partial: fixed, so that the summation order never depends on
+// how the rows were split among threads.
+constexpr int64_t kRowsPerPartial = 8;
+
+namespace CPU_CAPABILITY {
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// The kernel as acc_t, laid out for the plane order: (C, kh, kw) for NCHW (a plane reads its
+// class's kh x kw block), (kh, kw, C) for channels_last (a cell reads C contiguous values).
+template <typename acc_t>
+at::Tensor kernel_for(const at::Tensor& weight, const PlaneOrder& order) {
+  auto w = weight.to(c10::CppTypeToScalarType<acc_t>::value).reshape({weight.size(0), weight.size(2), weight.size(3)});
+  return order.channels_last ? w.permute({1, 2, 0}).contiguous() : w.contiguous();
+}
+
+template <typename scalar_t>
+void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* skip,
+                   at::IntArrayRef offset, const DeconvGeometry& g, at::Tensor& out) {
+  using acc_t = acc_type<scalar_t>;
+  const PlaneOrder order(output_memory_format(out) == at::MemoryFormat::ChannelsLast,
+                         x.size(0), x.size(1));
+  const at::Tensor kernel = kernel_for<acc_t>(weight, order);
+  const acc_t* k_data = kernel.const_data_ptr<acc_t>();
+  const Strided4 xs(x), os(out);
+  const Strided4 ss = skip ? Strided4(*skip) : Strided4(out);
+  const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+  const scalar_t* skip_data =
+      skip ? skip->const_data_ptr<scalar_t>() + offset[0] * ss.h + offset[1] * ss.w : nullptr;
+  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+  const int64_t cell = order.cell, C = order.channels;
+  const int64_t rows = order.planes * g.out_h;
+  const int64_t taps = (g.kh + g.stride_h - 1) / g.stride_h;
+
+  at::parallel_for(0, rows, rows_per_task(g.out_w * cell * taps), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sums(g.out_w * cell);
+    acc_t* acc = sums.data();
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t plane = row / g.out_h, y = row % g.out_h;
+      const scalar_t* xp = x_data + xs.plane(plane, order.channels_last, C);
+      // NCHW: this plane's class block; channels_last: the whole transposed kernel.
+      const acc_t* kp = k_data + order.channel_of(plane) * g.kh * g.kw * (order.channels_last ? 0 : 1);
+      std::fill(sums.begin(), sums.end(), acc_t(0));
+      int64_t i_lo, i_hi;
+      deconv_input_range(y + g.crop_h, g.stride_h, g.kh, g.in_h, &i_lo, &i_hi);
+      for (int64_t i = i_lo; i < i_hi; ++i) {
+        const int64_t p = y + g.crop_h - i * g.stride_h;
+        const scalar_t* xr = xp + i * xs.h;
+        const acc_t* kr = kp + p * g.kw * cell;
+        for (int64_t j = 0; j < g.in_w; ++j) {
+          int64_t q_lo, q_hi;
+          deconv_tap_range(j, g.stride_w, g.kw, g.crop_w, g.out_w, &q_lo, &q_hi);
+          if (q_lo >= q_hi) continue;
+          acc_t* a = acc + (j * g.stride_w - g.crop_w) * cell;  // output cell of tap 0
+          if (cell == 1) {
+            const acc_t v = static_cast<acc_t>(xr[j * xs.w]);
+            for (int64_t q = q_lo; q < q_hi; ++q) a[q] += v * kr[q];
+          } else {
+            const scalar_t* xc = xr + j * xs.w;
+            for (int64_t q = q_lo; q < q_hi; ++q) {
+              acc_t* aq = a + q * cell;
+              const acc_t* kq = kr + q * cell;
+              for (int64_t c = 0; c < cell; ++c) aq[c] += static_cast<acc_t>(xc[c * xs.c]) * kq[c];
+            }
+          }
+        }
+      }
+      scalar_t* o = out_data + os.plane(plane, order.channels_last, C) + y * os.h;
+      const scalar_t* s = skip_data ? skip_data + ss.plane(plane, order.channels_last, C) + y * ss.h : nullptr;
+      for (int64_t xo = 0; xo < g.out_w; ++xo) {
+        const acc_t* a = acc + xo * cell;
+        for (int64_t c = 0; c < cell; ++c) {
+          acc_t v = a[c];
+          if (s) v += static_cast<acc_t>(s[xo * ss.w + c * ss.c]);
+          o[xo * os.w + c * os.c] = static_cast<scalar_t>(v);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_typed(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                    const DeconvGeometry& g, at::Tensor& grad_x, at::Tensor& grad_weight) {
+  using acc_t = acc_type<scalar_t>;
+  const PlaneOrder order(output_memory_format(grad_x) == at::MemoryFormat::ChannelsLast,
+                         x.size(0), x.size(1));
+  const at::Tensor kernel = kernel_for<acc_t>(weight, order);
+  const acc_t* k_data = kernel.const_data_ptr<acc_t>();
+  const Strided4 gs(grad), xs(x), dxs(grad_x);
+  const scalar_t* g_data = grad.const_data_ptr<scalar_t>();
+  const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+  scalar_t* gx_data = grad_x.mutable_data_ptr<scalar_t>();
+  const int64_t cell = order.cell, C = order.channels;
+  const int64_t taps = g.kh * g.kw * cell;  // one partial's size
+  const int64_t blocks = (g.in_h + kRowsPerPartial - 1) / kRowsPerPartial;
+  const int64_t units = order.planes * blocks;
+  // partials[unit][tap]: unit = plane * blocks + block.
+  std::vector<acc_t> partials(units * taps, acc_t(0));
+
+  const int64_t work_per_unit = kRowsPerPartial * g.kh * g.in_w * g.kw * cell;
+  at::parallel_for(0, units, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(work_per_unit, 1)),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row_sums(g.in_w * cell);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t plane = unit / blocks, block = unit % blocks;
+      const scalar_t* gp = g_data + gs.plane(plane, order.channels_last, C);
+      const scalar_t* xp = x_data + xs.plane(plane, order.channels_last, C);
+      const acc_t* kp = k_data + order.channel_of(plane) * g.kh * g.kw * (order.channels_last ? 0 : 1);
+      acc_t* part = partials.data() + unit * taps;
+      const int64_t i_end = std::min(g.in_h, (block + 1) * kRowsPerPartial);
+      for (int64_t i = block * kRowsPerPartial; i < i_end; ++i) {
+        std::fill(row_sums.begin(), row_sums.end(), acc_t(0));
+        const scalar_t* xr = xp + i * xs.h;
+        int64_t p_lo, p_hi;
+        deconv_tap_range(i, g.stride_h, g.kh, g.crop_h, g.out_h, &p_lo, &p_hi);
+        for (int64_t p = p_lo; p < p_hi; ++p) {
+          const scalar_t* gr = gp + (i * g.stride_h + p - g.crop_h) * gs.h;
+          const acc_t* kr = kp + p * g.kw * cell;
+          acc_t* pr = part + p * g.kw * cell;
+          for (int64_t j = 0; j < g.in_w; ++j) {
+            int64_t q_lo, q_hi;
+            deconv_tap_range(j, g.stride_w, g.kw, g.crop_w, g.out_w, &q_lo, &q_hi);
+            if (q_lo >= q_hi) continue;
+            const scalar_t* gq0 = gr + (j * g.stride_w - g.crop_w) * gs.w;  // gradient at tap 0
+            if (cell == 1) {
+              const acc_t v = static_cast<acc_t>(xr[j * xs.w]);
+              acc_t dot = 0;
+              for (int64_t q = q_lo; q < q_hi; ++q) {
+                const acc_t d = static_cast<acc_t>(gq0[q * gs.w]);
+                dot += kr[q] * d;
+                pr[q] += v * d;
+              }
+              row_sums[j] += dot;
+            } else {
+              const scalar_t* xc = xr + j * xs.w;
+              acc_t* rs = row_sums.data() + j * cell;
+              for (int64_t q = q_lo; q < q_hi; ++q) {
+                const scalar_t* gc = gq0 + q * gs.w;
+                const acc_t* kq = kr + q * cell;
+                acc_t* pq = pr + q * cell;
+                for (int64_t c = 0; c < cell; ++c) {
+                  const acc_t d = static_cast<acc_t>(gc[c * gs.c]);
+                  rs[c] += kq[c] * d;
+                  pq[c] += static_cast<acc_t>(xc[c * xs.c]) * d;
+                }
+              }
+            }
+          }
+        }
+        scalar_t* o = gx_data + dxs.plane(plane, order.channels_last, C) + i * dxs.h;
+        for (int64_t j = 0; j < g.in_w; ++j) {
+          for (int64_t c = 0; c < cell; ++c) o[j * dxs.w + c * dxs.c] = static_cast<scalar_t>(row_sums[j * cell + c]);
+        }
+      }
+    }
+  });
+
+  // grad_weight[c, p, q]: the partials of class c summed over (n, block) in a fixed order.
+  const int64_t kk = g.kh * g.kw, batch = x.size(0);
+  scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, C * kk, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      const int64_t c = e / kk, tap = e % kk;
+      acc_t sum = 0;
+      for (int64_t n = 0; n < batch; ++n) {
+        const int64_t plane = order.channels_last ? n : n * C + c;
+        const int64_t within = order.channels_last ? tap * C + c : tap;
+        for (int64_t b = 0; b < blocks; ++b) sum += partials[(plane * blocks + b) * taps + within];
+      }
+      gw[e] = static_cast<scalar_t>(sum);
+    }
+  });
+}
+
+void deconv_add_forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* skip,
+                               at::IntArrayRef offset, const DeconvGeometry& g, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "deconv_add_forward", [&] {
+    forward_typed<scalar_t>(x, weight, skip, offset, g, out);
+  });
+}
+
+void deconv_add_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                const DeconvGeometry& g, at::Tensor& grad_x, at::Tensor& grad_weight) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "deconv_add_backward", [&] {
+    backward_typed<scalar_t>(grad, x, weight, g, grad_x, grad_weight);
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+
+#ifdef FASTSEG_CPU_DISPATCH_UNIT
+FASTSEG_DECLARE_CPU_VARIANTS(
+    void deconv_add_forward_kernel(const at::Tensor&, const at::Tensor&, const at::Tensor*,
+                                   at::IntArrayRef, const DeconvGeometry&, at::Tensor&);
+    void deconv_add_backward_kernel(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const DeconvGeometry&, at::Tensor&, at::Tensor&);)
+
+namespace {
+
+DeconvGeometry geometry(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                        at::IntArrayRef crop, int64_t out_h, int64_t out_w) {
+  return {x.size(2), x.size(3), out_h, out_w, weight.size(2), weight.size(3),
+          stride[0], stride[1], crop[0], crop[1]};
+}
+
+at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& skip,
+                       at::IntArrayRef stride, at::IntArrayRef crop, at::IntArrayRef skip_offset,
+                       at::IntArrayRef output_size) {
+  constexpr const char* op = "deconv_add_forward";
+  check_decoder_inputs(op, x, skip, skip_offset, output_size);
+  check_deconv_weight(op, weight, x, stride, crop);
+  check_deconv_window(op, x, weight, stride, crop, output_size);
+  auto out = at::empty({x.size(0), x.size(1), output_size[0], output_size[1]},
+                       x.options().memory_format(output_memory_format(x)));
+  if (out.numel() == 0) return out;
+  FASTSEG_CPU_CALL(deconv_add_forward_kernel, x, weight, skip ? &*skip : nullptr, skip_offset,
+                   geometry(x, weight, stride, crop, output_size[0], output_size[1]), out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Tensor& x,
+                                                const at::Tensor& weight, at::IntArrayRef stride,
+                                                at::IntArrayRef crop) {
+  constexpr const char* op = "deconv_add_backward";
+  TORCH_CHECK_VALUE(grad_output.dim() == 4 && grad_output.size(0) == x.size(0) &&
+                        grad_output.size(1) == x.size(1),
+                    op, ": grad_output must be (N, C, Ho, Wo) with x's (N, C), got ", grad_output.sizes());
+  check_decoder_inputs(op, x, std::nullopt, {0, 0}, {std::max<int64_t>(grad_output.size(2), 1),
+                                                     std::max<int64_t>(grad_output.size(3), 1)});
+  check_scores(op, "grad_output", grad_output, x);
+  check_deconv_weight(op, weight, x, stride, crop);
+  check_deconv_window(op, x, weight, stride, crop, {grad_output.size(2), grad_output.size(3)});
+  auto grad_x = at::empty(x.sizes(), x.options().memory_format(output_memory_format(x)));
+  auto grad_weight = at::empty(weight.sizes(), weight.options());
+  if (x.numel() == 0 || grad_output.numel() == 0) {
+    grad_x.zero_();
+    grad_weight.zero_();
+    return {grad_x, grad_weight};
+  }
+  FASTSEG_CPU_CALL(deconv_add_backward_kernel, grad_output, x, weight,
+                   geometry(x, weight, stride, crop, grad_output.size(2), grad_output.size(3)),
+                   grad_x, grad_weight);
+  return {grad_x, grad_weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastseg, CPU, m) {
+  m.impl("deconv_add_forward", &forward_cpu);
+  m.impl("deconv_add_backward", &backward_cpu);
+}
+#endif  // FASTSEG_CPU_DISPATCH_UNIT
+
+}  // namespace fastseg::cpu
