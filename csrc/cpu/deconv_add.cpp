@@ -65,6 +65,8 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   const int64_t rows = order.planes * g.out_h;
   const int64_t taps = (g.kh + g.stride_h - 1) / g.stride_h;
 
+  // s_step, o_step: skip and output strides along the innermost axis (w for NCHW cells, c else).
+  auto run = [&](auto s_step, auto o_step) {
   at::parallel_for(0, rows, rows_per_task(g.out_w * cell * taps), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sums(g.out_w * cell);
     acc_t* acc = sums.data();
@@ -100,16 +102,34 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
       }
       scalar_t* o = out_data + os.plane(plane, order.channels_last, C) + y * os.h;
       const scalar_t* s = skip_data ? skip_data + ss.plane(plane, order.channels_last, C) + y * ss.h : nullptr;
-      for (int64_t xo = 0; xo < g.out_w; ++xo) {
-        const acc_t* a = acc + xo * cell;
-        for (int64_t c = 0; c < cell; ++c) {
-          acc_t v = a[c];
-          if (s) v += static_cast<acc_t>(s[xo * ss.w + c * ss.c]);
-          o[xo * os.w + c * os.c] = static_cast<scalar_t>(v);
+      if (cell == 1 && s) {
+        for (int64_t xo = 0; xo < g.out_w; ++xo) {
+          o[xo * o_step] = static_cast<scalar_t>(acc[xo] + static_cast<acc_t>(s[xo * s_step]));
+        }
+      } else if (cell == 1) {
+        for (int64_t xo = 0; xo < g.out_w; ++xo) o[xo * o_step] = static_cast<scalar_t>(acc[xo]);
+      } else {
+        for (int64_t xo = 0; xo < g.out_w; ++xo) {
+          const acc_t* a = acc + xo * cell;
+          scalar_t* oc = o + xo * os.w;
+          if (s) {
+            const scalar_t* sc = s + xo * ss.w;
+            for (int64_t c = 0; c < cell; ++c) {
+              oc[c * o_step] = static_cast<scalar_t>(a[c] + static_cast<acc_t>(sc[c * s_step]));
+            }
+          } else {
+            for (int64_t c = 0; c < cell; ++c) oc[c * o_step] = static_cast<scalar_t>(a[c]);
+          }
         }
       }
     }
   });
+  };
+  if (cell == 1) {
+    with_unit_strides(run, skip ? ss.w : 1, os.w);
+  } else {
+    with_unit_strides(run, skip ? ss.c : 1, os.c);
+  }
 }
 
 template <typename scalar_t>
@@ -132,6 +152,8 @@ void backward_typed(const at::Tensor& grad, const at::Tensor& x, const at::Tenso
   std::vector<acc_t> partials(units * taps, acc_t(0));
 
   const int64_t work_per_unit = kRowsPerPartial * g.kh * g.in_w * g.kw * cell;
+  // g_step, x_step: gradient and x strides along the innermost axis (w for NCHW cells, c else).
+  auto run = [&](auto g_step, auto x_step) {
   at::parallel_for(0, units, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(work_per_unit, 1)),
                    [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row_sums(g.in_w * cell);
@@ -157,10 +179,10 @@ void backward_typed(const at::Tensor& grad, const at::Tensor& x, const at::Tenso
             if (q_lo >= q_hi) continue;
             const scalar_t* gq0 = gr + (j * g.stride_w - g.crop_w) * gs.w;  // gradient at tap 0
             if (cell == 1) {
-              const acc_t v = static_cast<acc_t>(xr[j * xs.w]);
+              const acc_t v = static_cast<acc_t>(xr[j * x_step]);
               acc_t dot = 0;
               for (int64_t q = q_lo; q < q_hi; ++q) {
-                const acc_t d = static_cast<acc_t>(gq0[q * gs.w]);
+                const acc_t d = static_cast<acc_t>(gq0[q * g_step]);
                 dot += kr[q] * d;
                 pr[q] += v * d;
               }
@@ -173,9 +195,9 @@ void backward_typed(const at::Tensor& grad, const at::Tensor& x, const at::Tenso
                 const acc_t* kq = kr + q * cell;
                 acc_t* pq = pr + q * cell;
                 for (int64_t c = 0; c < cell; ++c) {
-                  const acc_t d = static_cast<acc_t>(gc[c * gs.c]);
+                  const acc_t d = static_cast<acc_t>(gc[c * g_step]);
                   rs[c] += kq[c] * d;
-                  pq[c] += static_cast<acc_t>(xc[c * xs.c]) * d;
+                  pq[c] += static_cast<acc_t>(xc[c * x_step]) * d;
                 }
               }
             }
@@ -188,6 +210,12 @@ void backward_typed(const at::Tensor& grad, const at::Tensor& x, const at::Tenso
       }
     }
   });
+  };
+  if (cell == 1) {
+    with_unit_strides(run, gs.w, xs.w);
+  } else {
+    with_unit_strides(run, gs.c, xs.c);
+  }
 
   // grad_weight[c, p, q]: the partials of class c summed over (n, block) in a fixed order.
   const int64_t kk = g.kh * g.kw, batch = x.size(0);

@@ -36,21 +36,27 @@ namespace CPU_CAPABILITY {
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
+// One axis' taps, structure of arrays so that the horizontal loop can vectorize (gathers).
 template <typename acc_t>
-std::vector<LinearTaps<acc_t>> axis_taps(double scale, int64_t in, int64_t out, bool align_corners) {
-  std::vector<LinearTaps<acc_t>> taps(out);
-  for (int64_t d = 0; d < out; ++d) {
-    taps[d] = linear_taps<acc_t>(static_cast<acc_t>(scale), d, in, out, align_corners);
+struct AxisTaps {
+  std::vector<int64_t> i0, i1;
+  std::vector<acc_t> w0, w1;
+  AxisTaps(double scale, int64_t in, int64_t out, bool align_corners)
+      : i0(out), i1(out), w0(out), w1(out) {
+    for (int64_t d = 0; d < out; ++d) {
+      const auto t = linear_taps<acc_t>(static_cast<acc_t>(scale), d, in, out, align_corners);
+      i0[d] = t.i0, i1[d] = t.i1, w0[d] = t.w0, w1[d] = t.w1;
+    }
   }
-  return taps;
-}
+  LinearTaps<acc_t> operator[](int64_t d) const { return {i0[d], i1[d], w0[d], w1[d]}; }
+};
 
 template <typename scalar_t>
 void forward_typed(const at::Tensor& x, const at::Tensor* skip, at::IntArrayRef offset,
                    const BilinearGeometry& g, at::Tensor& out) {
   using acc_t = acc_type<scalar_t>;
-  const auto ty = axis_taps<acc_t>(g.scale_h, g.in_h, g.out_h, g.align_corners);
-  const auto tx = axis_taps<acc_t>(g.scale_w, g.in_w, g.out_w, g.align_corners);
+  const AxisTaps<acc_t> ty(g.scale_h, g.in_h, g.out_h, g.align_corners);
+  const AxisTaps<acc_t> tx(g.scale_w, g.in_w, g.out_w, g.align_corners);
   const PlaneOrder order(output_memory_format(out) == at::MemoryFormat::ChannelsLast,
                          x.size(0), x.size(1));
   const Strided4 xs(x), os(out);
@@ -61,64 +67,76 @@ void forward_typed(const at::Tensor& x, const at::Tensor* skip, at::IntArrayRef 
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
   const int64_t cell = order.cell, in_w = g.in_w, out_w = g.out_w;
   const int64_t rows = order.planes * g.out_h;
+  const int64_t *tx0 = tx.i0.data(), *tx1 = tx.i1.data();
+  const acc_t *txw0 = tx.w0.data(), *txw1 = tx.w1.data();
 
-  at::parallel_for(0, rows, rows_per_task((in_w + out_w) * cell), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> blended(in_w * cell);
-    acc_t* t = blended.data();
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t plane = row / g.out_h, y = row % g.out_h;
-      const auto& vy = ty[y];
-      const scalar_t* r0 = x_data + xs.plane(plane, order.channels_last, order.channels) + vy.i0 * xs.h;
-      const scalar_t* r1 = r0 + (vy.i1 - vy.i0) * xs.h;
-      scalar_t* o = out_data + os.plane(plane, order.channels_last, order.channels) + y * os.h;
-      const scalar_t* s = skip_data ? skip_data + ss.plane(plane, order.channels_last, order.channels) + y * ss.h
-                                    : nullptr;
-      if (cell == 1) {
-        for (int64_t j = 0; j < in_w; ++j) {
-          t[j] = vy.w0 * static_cast<acc_t>(r0[j * xs.w]) + vy.w1 * static_cast<acc_t>(r1[j * xs.w]);
-        }
-        for (int64_t xo = 0; xo < out_w; ++xo) {
-          const auto& vx = tx[xo];
-          acc_t v = vx.w0 * t[vx.i0] + vx.w1 * t[vx.i1];
-          if (s) v += static_cast<acc_t>(s[xo * ss.w]);
-          o[xo * os.w] = static_cast<scalar_t>(v);
-        }
-      } else {
-        for (int64_t j = 0; j < in_w; ++j) {
-          const scalar_t* a = r0 + j * xs.w;
-          const scalar_t* b = r1 + j * xs.w;
-          acc_t* tj = t + j * cell;
-          for (int64_t c = 0; c < cell; ++c) {
-            tj[c] = vy.w0 * static_cast<acc_t>(a[c * xs.c]) + vy.w1 * static_cast<acc_t>(b[c * xs.c]);
+  // x_step, s_step, o_step: strides along the innermost axis (w for NCHW cells, c else).
+  auto run = [&](auto x_step, auto s_step, auto o_step) {
+    at::parallel_for(0, rows, rows_per_task((in_w + out_w) * cell), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> blended(in_w * cell);
+      acc_t* t = blended.data();
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t plane = row / g.out_h, y = row % g.out_h;
+        const auto vy = ty[y];
+        const scalar_t* r0 = x_data + xs.plane(plane, order.channels_last, order.channels) + vy.i0 * xs.h;
+        const scalar_t* r1 = r0 + (vy.i1 - vy.i0) * xs.h;
+        scalar_t* o = out_data + os.plane(plane, order.channels_last, order.channels) + y * os.h;
+        const scalar_t* s = skip_data ? skip_data + ss.plane(plane, order.channels_last, order.channels) + y * ss.h
+                                      : nullptr;
+        if (cell == 1) {
+          for (int64_t j = 0; j < in_w; ++j) {
+            t[j] = vy.w0 * static_cast<acc_t>(r0[j * x_step]) + vy.w1 * static_cast<acc_t>(r1[j * x_step]);
           }
-        }
-        for (int64_t xo = 0; xo < out_w; ++xo) {
-          const auto& vx = tx[xo];
-          const acc_t* t0 = t + vx.i0 * cell;
-          const acc_t* t1 = t + vx.i1 * cell;
-          scalar_t* oc = o + xo * os.w;
           if (s) {
-            const scalar_t* sc = s + xo * ss.w;
-            for (int64_t c = 0; c < cell; ++c) {
-              oc[c * os.c] = static_cast<scalar_t>(vx.w0 * t0[c] + vx.w1 * t1[c] +
-                                                   static_cast<acc_t>(sc[c * ss.c]));
+            for (int64_t xo = 0; xo < out_w; ++xo) {
+              o[xo * o_step] = static_cast<scalar_t>(txw0[xo] * t[tx0[xo]] + txw1[xo] * t[tx1[xo]] +
+                                                     static_cast<acc_t>(s[xo * s_step]));
             }
           } else {
+            for (int64_t xo = 0; xo < out_w; ++xo) {
+              o[xo * o_step] = static_cast<scalar_t>(txw0[xo] * t[tx0[xo]] + txw1[xo] * t[tx1[xo]]);
+            }
+          }
+        } else {
+          for (int64_t j = 0; j < in_w; ++j) {
+            const scalar_t* a = r0 + j * xs.w;
+            const scalar_t* b = r1 + j * xs.w;
+            acc_t* tj = t + j * cell;
             for (int64_t c = 0; c < cell; ++c) {
-              oc[c * os.c] = static_cast<scalar_t>(vx.w0 * t0[c] + vx.w1 * t1[c]);
+              tj[c] = vy.w0 * static_cast<acc_t>(a[c * x_step]) + vy.w1 * static_cast<acc_t>(b[c * x_step]);
+            }
+          }
+          for (int64_t xo = 0; xo < out_w; ++xo) {
+            const acc_t w0 = txw0[xo], w1 = txw1[xo];
+            const acc_t* t0 = t + tx0[xo] * cell;
+            const acc_t* t1 = t + tx1[xo] * cell;
+            scalar_t* oc = o + xo * os.w;
+            if (s) {
+              const scalar_t* sc = s + xo * ss.w;
+              for (int64_t c = 0; c < cell; ++c) {
+                oc[c * o_step] = static_cast<scalar_t>(w0 * t0[c] + w1 * t1[c] +
+                                                       static_cast<acc_t>(sc[c * s_step]));
+              }
+            } else {
+              for (int64_t c = 0; c < cell; ++c) oc[c * o_step] = static_cast<scalar_t>(w0 * t0[c] + w1 * t1[c]);
             }
           }
         }
       }
-    }
-  });
+    });
+  };
+  if (cell == 1) {
+    with_unit_strides(run, xs.w, skip ? ss.w : 1, os.w);
+  } else {
+    with_unit_strides(run, xs.c, skip ? ss.c : 1, os.c);
+  }
 }
 
 template <typename scalar_t>
 void backward_typed(const at::Tensor& grad, const BilinearGeometry& g, at::Tensor& grad_x) {
   using acc_t = acc_type<scalar_t>;
-  const auto ty = axis_taps<acc_t>(g.scale_h, g.in_h, g.out_h, g.align_corners);
-  const auto tx = axis_taps<acc_t>(g.scale_w, g.in_w, g.out_w, g.align_corners);
+  const AxisTaps<acc_t> ty(g.scale_h, g.in_h, g.out_h, g.align_corners);
+  const AxisTaps<acc_t> tx(g.scale_w, g.in_w, g.out_w, g.align_corners);
   // Per input index, the run of output indices that read it.
   auto ranges = [&](double scale, int64_t in, int64_t out) {
     std::vector<int64_t> lo(in), hi(in);
@@ -138,45 +156,49 @@ void backward_typed(const at::Tensor& grad, const BilinearGeometry& g, at::Tenso
   const int64_t rows = order.planes * g.in_h;
   const int64_t rows_per_input = std::max<int64_t>(1, g.out_h / std::max<int64_t>(g.in_h, 1));
 
-  at::parallel_for(0, rows, rows_per_task(2 * rows_per_input * out_w * cell), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> column_sums(out_w * cell), cell_sum(cell);
-    acc_t* T = column_sums.data();
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t plane = row / g.in_h, i = row % g.in_h;
-      const scalar_t* gp = g_data + gs.plane(plane, order.channels_last, order.channels);
-      std::fill(column_sums.begin(), column_sums.end(), acc_t(0));
-      for (int64_t y = y_lo[i]; y < y_hi[i]; ++y) {
-        const acc_t wy = linear_tap_weight(ty[y], i);
-        const scalar_t* gr = gp + y * gs.h;
-        if (cell == 1) {
-          for (int64_t xo = 0; xo < out_w; ++xo) T[xo] += wy * static_cast<acc_t>(gr[xo * gs.w]);
-        } else {
-          for (int64_t xo = 0; xo < out_w; ++xo) {
-            const scalar_t* gc = gr + xo * gs.w;
-            acc_t* Tc = T + xo * cell;
-            for (int64_t c = 0; c < cell; ++c) Tc[c] += wy * static_cast<acc_t>(gc[c * gs.c]);
+  // g_step: the gradient's stride along the innermost axis (w for NCHW cells, c else).
+  auto run = [&](auto g_step) {
+    at::parallel_for(0, rows, rows_per_task(2 * rows_per_input * out_w * cell), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> column_sums(out_w * cell), cell_sum(cell);
+      acc_t* T = column_sums.data();
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t plane = row / g.in_h, i = row % g.in_h;
+        const scalar_t* gp = g_data + gs.plane(plane, order.channels_last, order.channels);
+        std::fill(column_sums.begin(), column_sums.end(), acc_t(0));
+        for (int64_t y = y_lo[i]; y < y_hi[i]; ++y) {
+          const acc_t wy = linear_tap_weight(ty[y], i);
+          const scalar_t* gr = gp + y * gs.h;
+          if (cell == 1) {
+            for (int64_t xo = 0; xo < out_w; ++xo) T[xo] += wy * static_cast<acc_t>(gr[xo * g_step]);
+          } else {
+            for (int64_t xo = 0; xo < out_w; ++xo) {
+              const scalar_t* gc = gr + xo * gs.w;
+              acc_t* Tc = T + xo * cell;
+              for (int64_t c = 0; c < cell; ++c) Tc[c] += wy * static_cast<acc_t>(gc[c * g_step]);
+            }
+          }
+        }
+        scalar_t* o = gx_data + xs.plane(plane, order.channels_last, order.channels) + i * xs.h;
+        for (int64_t j = 0; j < in_w; ++j) {
+          if (cell == 1) {
+            acc_t sum = 0;
+            for (int64_t xo = x_lo[j]; xo < x_hi[j]; ++xo) sum += linear_tap_weight(tx[xo], j) * T[xo];
+            o[j * xs.w] = static_cast<scalar_t>(sum);
+          } else {
+            std::fill(cell_sum.begin(), cell_sum.end(), acc_t(0));
+            for (int64_t xo = x_lo[j]; xo < x_hi[j]; ++xo) {
+              const acc_t wx = linear_tap_weight(tx[xo], j);
+              const acc_t* Tc = T + xo * cell;
+              for (int64_t c = 0; c < cell; ++c) cell_sum[c] += wx * Tc[c];
+            }
+            scalar_t* oc = o + j * xs.w;
+            for (int64_t c = 0; c < cell; ++c) oc[c * xs.c] = static_cast<scalar_t>(cell_sum[c]);
           }
         }
       }
-      scalar_t* o = gx_data + xs.plane(plane, order.channels_last, order.channels) + i * xs.h;
-      for (int64_t j = 0; j < in_w; ++j) {
-        if (cell == 1) {
-          acc_t sum = 0;
-          for (int64_t xo = x_lo[j]; xo < x_hi[j]; ++xo) sum += linear_tap_weight(tx[xo], j) * T[xo];
-          o[j * xs.w] = static_cast<scalar_t>(sum);
-        } else {
-          std::fill(cell_sum.begin(), cell_sum.end(), acc_t(0));
-          for (int64_t xo = x_lo[j]; xo < x_hi[j]; ++xo) {
-            const acc_t wx = linear_tap_weight(tx[xo], j);
-            const acc_t* Tc = T + xo * cell;
-            for (int64_t c = 0; c < cell; ++c) cell_sum[c] += wx * Tc[c];
-          }
-          scalar_t* oc = o + j * xs.w;
-          for (int64_t c = 0; c < cell; ++c) oc[c * xs.c] = static_cast<scalar_t>(cell_sum[c]);
-        }
-      }
-    }
-  });
+    });
+  };
+  with_unit_strides(run, cell == 1 ? gs.w : gs.c);
 }
 
 void upsample_add_forward_kernel(const at::Tensor& x, const at::Tensor* skip, at::IntArrayRef offset,

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace fastseg::cpu {
 
@@ -33,6 +34,17 @@ struct PlaneOrder {
 // Rows per parallel task so that each task has at least ATen's grain of elements.
 inline int64_t rows_per_task(int64_t elements_per_row) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(elements_per_row, 1));
+}
+
+// Calls f(strides...) with every stride as a compile-time 1 when they all are 1, so that the
+// loops over the contiguous axis vectorize; else with the runtime values (any strides).
+template <typename F, typename... Strides>
+inline void with_unit_strides(F&& f, Strides... strides) {
+  if (((strides == 1) && ...)) {
+    f(((void)strides, std::integral_constant<int64_t, 1>{})...);
+  } else {
+    f(strides...);
+  }
 }
 
 }  // namespace fastseg::cpu
