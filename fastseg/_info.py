@@ -23,6 +23,11 @@ def _probe_inputs(op: str, device: str):
         x = torch.zeros(1, 2, 1, 1, device=device)
         t = torch.zeros(1, 1, 1, dtype=torch.long, device=device)
         return (x, t)
+    if op == "upsample_add":
+        return (torch.zeros(1, 1, 1, 1, device=device), None)
+    if op == "deconv_add":
+        x = torch.zeros(1, 1, 1, 1, device=device)
+        return (x, torch.zeros(1, 1, 2, 2, device=device), None)
     raise KeyError(op)
 
 
