@@ -43,8 +43,9 @@ TORCH_LIBRARY(fastseg, m) {
   m.def(
       "deconv_add_forward(Tensor x, Tensor weight, Tensor? skip, int[2] stride, int[2] crop, "
       "int[2] skip_offset, int[2] output_size) -> Tensor");
-  // Returns (grad_x like x's memory format, grad_weight (C, 1, kh, kw) in weight's dtype):
-  // both from one read of grad_output; grad_weight is summed in a fixed order.
+  // Returns (grad_x in x's memory format, grad_weight (C, 1, kh, kw) in weight's dtype);
+  // grad_weight is summed in a fixed order (the CPU kernel gets both from one read of
+  // grad_output, the CUDA kernel reads it once per gradient).
   m.def(
       "deconv_add_backward(Tensor grad_output, Tensor x, Tensor weight, int[2] stride, "
       "int[2] crop) -> (Tensor, Tensor)");

@@ -1,9 +1,11 @@
-"""Ahead-of-time compile of the Triton softmax cross-entropy kernels for sm_80 and sm_90.
+"""Ahead-of-time compile of the Triton kernels (softmax cross-entropy, upsample_add,
+deconv_add) for sm_80 and sm_90.
 
 No GPU needed: triton compiles to PTX and runs the ptxas it ships; registers and spills are
 read from the cubin with the cuobjdump it ships. Every shipped tile configuration
-(fastseg.triton.softmax_cross_entropy.SHIPPED_CONFIGS) must compile for both targets, in
-float32 and bfloat16, forward and backward, with no register spills.
+(``SHIPPED_CONFIGS`` of fastseg.triton.softmax_cross_entropy and of
+fastseg.triton.upsample_add, shared by deconv_add) must compile for both targets, in float32
+and bfloat16, forward and backward, with no register spills.
 
     pytest -q -s tests/test_triton_aot.py     # -s prints the register table
 """
@@ -145,3 +147,86 @@ def test_not_supported_reasons_without_interpreter():
     t = torch.zeros(1, 7, dtype=torch.int64)
     reasons = sce.not_supported_reasons(x, t)
     assert any("TRITON_INTERPRET" in r for r in reasons), reasons
+
+
+# --- FCN decoder kernels (fastseg.triton.upsample_add / deconv_add) ------------------------
+
+from fastseg.triton import deconv_add as dca  # noqa: E402
+from fastseg.triton import upsample_add as upa  # noqa: E402
+
+FCN_MODULES = {"upsample_add": upa, "deconv_add": dca}
+
+
+def _compile_fcn(op, kernel, config, dtype, capability, **kwargs):
+    module = FCN_MODULES[op]
+    compiled = module.compile_ahead_of_time(kernel, config, dtype, capability, **kwargs)
+    usage = upa.resource_usage(compiled)
+    print(f"{op:13s} {config.name:34s} {kernel:8s} {str(dtype)[6:]:8s} sm_{capability}: "
+          f"{usage['regs']} registers, {usage['spills']} spill bytes")
+    return compiled, usage
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, ids=lambda c: f"sm{c}")
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("config", upa.SHIPPED_CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("op", list(FCN_MODULES))
+def test_fcn_shipped_config_compiles_without_spills(op, config, dtype, capability):
+    """Forward (with a skip) and backward at every shipped tile configuration."""
+    for kernel in ("forward", "backward"):
+        compiled, usage = _compile_fcn(op, kernel, config, dtype, capability)
+        assert compiled.asm.get("cubin"), f"{op} {kernel} {config.name}: no cubin"
+        assert compiled.metadata.num_warps == config.num_warps
+        assert usage["spills"] == 0, f"{op} {kernel} {config.name} {dtype} sm_{capability}: {usage}"
+        assert usage["regs"] <= 128, f"{op} {kernel} {config.name}: {usage}"
+        ptx = compiled.asm["ptx"]
+        # The output (forward) / gradient (backward) tile is written along the contiguous
+        # axis with vector stores (aligned maps: W or C a multiple of 16).
+        assert "st.global.v" in ptx, f"{op} {kernel} {config.name}: no vector stores"
+        if config.channels_last:  # the skip / x / gradient reads along C are vectors too
+            assert "ld.global.v" in ptx, f"{op} {kernel} {config.name}: no vector loads"
+
+
+def _fcn_variants():
+    nchw = next(c for c in upa.SHIPPED_CONFIGS if c.layout == "nchw" and c.max_inner is None)
+    cl = next(c for c in upa.SHIPPED_CONFIGS if c.layout == "channels_last"
+              and c.max_inner is None)
+    cases = []
+    for op in FCN_MODULES:
+        for config in (nchw, cl):
+            cases += [
+                pytest.param(op, "forward", config, dict(has_skip=False),
+                             id=f"{op}-{config.layout}-forward-noskip"),
+                pytest.param(op, "forward", config, dict(overrides={"INT64_INDEX": True}),
+                             id=f"{op}-{config.layout}-forward-int64"),
+                pytest.param(op, "backward", config, dict(overrides={"INT64_INDEX": True}),
+                             id=f"{op}-{config.layout}-backward-int64"),
+                # Sliced inputs: no unit stride at all (runtime strides only).
+                pytest.param(op, "forward", config, dict(ones=()),
+                             id=f"{op}-{config.layout}-forward-strided"),
+                pytest.param(op, "backward", config, dict(ones=()),
+                             id=f"{op}-{config.layout}-backward-strided"),
+            ]
+    for kernel in ("forward", "backward"):
+        cases.append(pytest.param("upsample_add", kernel, nchw, dict(align_corners=True),
+                                  id=f"upsample_add-{kernel}-align-corners"))
+    return cases
+
+
+@pytest.mark.parametrize("op,kernel,config,kwargs", _fcn_variants())
+def test_fcn_variant_compiles_without_spills(op, kernel, config, kwargs):
+    _, usage = _compile_fcn(op, kernel, config, torch.bfloat16, 90, **kwargs)
+    assert usage["spills"] == 0, f"{op} {kernel} {config.name} {kwargs}: {usage}"
+
+
+def test_fcn_float16_compiles():
+    for op in FCN_MODULES:
+        for kernel in ("forward", "backward"):
+            _, usage = _compile_fcn(op, kernel, upa.SHIPPED_CONFIGS[0], torch.float16, 80)
+            assert usage["spills"] == 0
+
+
+def test_fcn_not_supported_reasons_without_interpreter():
+    x = torch.randn(1, 2, 3, 4)
+    assert any("TRITON_INTERPRET" in r for r in upa.not_supported_reasons(x, None))
+    assert any("TRITON_INTERPRET" in r for r in dca.not_supported_reasons(
+        x, torch.randn(2, 1, 4, 4), None))

@@ -220,7 +220,8 @@ void backward_typed(const at::Tensor& grad, const at::Tensor& x, const at::Tenso
   // grad_weight[c, p, q]: the partials of class c summed over (n, block) in a fixed order.
   const int64_t kk = g.kh * g.kw, batch = x.size(0);
   scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, C * kk, 1024, [&](int64_t begin, int64_t end) {
+  const int64_t reads_per_weight = batch * blocks;
+  at::parallel_for(0, C * kk, rows_per_task(reads_per_weight), [&](int64_t begin, int64_t end) {
     for (int64_t e = begin; e < end; ++e) {
       const int64_t c = e / kk, tap = e % kk;
       acc_t sum = 0;

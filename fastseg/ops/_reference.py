@@ -91,7 +91,8 @@ def deconv_add(
         output_size = (full.shape[2] - cy, full.shape[3] - cx)
     ho, wo = output_size
     out = full[:, :, cy:cy + ho, cx:cx + wo]
-    if skip is None:
-        return out
+    if skip is None:  # a new tensor in x's memory format, not a view that pins the full map
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return out.clone(memory_format=torch.channels_last if cl else torch.contiguous_format)
     oy, ox = skip_offset
     return out + skip[:, :, oy:oy + ho, ox:ox + wo]
