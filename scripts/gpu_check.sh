@@ -9,12 +9,20 @@
 #   env         nvidia-smi, versions (python, torch, CUDA, triton, nvcc, compute-sanitizer)
 #   build       pip install --no-build-isolation --no-deps -e . with TORCH_CUDA_ARCH_LIST=9.0
 #               (fallback: setup.py build_ext --inplace), then `python -m fastseg info`
-#   test-cuda   pytest -m cuda tests/
-#   triton-gpu  the tests selected by -k triton with TRITON_INTERPRET unset, so Triton
-#               compiles for the GPU instead of interpreting
-#   bench       fastseg bench --device cuda --out $OUT/bench   (results.json/.md, <op>.png)
-#   sanitizer   the CUDA tests under compute-sanitizer --tool memcheck (skipped if absent)
-#   test-all    the whole tests/ directory with CUDA available (all but triton_interpret)
+#   test-cuda   pytest -m cuda tests/: every op's tests with CUDA tensors, on each GPU backend
+#               (cuda, triton) - tests/test_softmax_cross_entropy.py, test_upsample_add.py,
+#               test_deconv_add.py, test_fcn_decoder.py (one not there yet is named in the log)
+#   triton-gpu  the tests selected by -k triton, not marked cuda (those ran in test-cuda), with
+#               TRITON_INTERPRET unset, so Triton compiles for the GPU instead of interpreting
+#   bench       one `fastseg bench --device cuda --quick` per op suite, each with its share of
+#               the step's time: cross_entropy -> $OUT/bench (results.json/.md, cross_entropy.png),
+#               upsample_add (the FCN decoder) -> $OUT/bench/upsample_add (results.json/.md; no
+#               PNG, to stay within 8 files: draw it with `fastseg bench --from-json`)
+#   sanitizer   under compute-sanitizer --tool memcheck (skipped if absent), each op test file
+#               in its own process with its share of the step's time, CUDA tests on small
+#               shapes only (see OP_TESTS); a file cut short by its share is PARTIAL
+#   test-all    the rest of tests/ with CUDA available: all but triton_interpret and the
+#               CUDA-marked tests (those ran in test-cuda)
 #
 # The whole run stays under GPU_CHECK_BUDGET_S (default 460 s, i.e. under 8 minutes): each
 # step runs under `timeout` for min(its cap, the time left less what the later steps need at
@@ -25,14 +33,18 @@
 #   summary.txt       one line per step: status, exit code, seconds, log
 #   gpu_check.log     every step's log one after the other (each cut to its last 3000 lines)
 #   logs.tar.gz       the full logs/<step>.log files and pytest's junit XML
-#   bench/results.json, bench/results.md, bench/<op>.png
+#   bench/results.json, bench/results.md, bench/cross_entropy.png          (cross-entropy)
+#   bench/upsample_add/results.json, bench/upsample_add/results.md        (FCN decoder)
 # (GPU_CHECK_KEEP_LOGS=1 keeps the logs/ folder as well.)
 #
 # Knobs: PYTHON (default python3), GPU_CHECK_BUDGET_S, GPU_CHECK_STEPS (a subset, e.g.
-# "env build bench"), GPU_CHECK_BENCH_ARGS (extra `fastseg bench` arguments, e.g. --quick),
-# GPU_CHECK_SANITIZER_TESTS (pytest arguments under memcheck; default -m "cuda and not slow"
-# tests/), FASTSEG_GIT_COMMIT (the commit measured, recorded in the JSON: the machine's copy
-# of the tree may have no .git), TORCH_CUDA_ARCH_LIST (default 9.0).
+# "env build bench"), GPU_CHECK_BENCH_QUICK (default 1: each suite's --quick problems; 0: the
+# full GPU problems, as far as the step's time goes - for a run of "env build bench" alone),
+# GPU_CHECK_BENCH_ARGS (extra `fastseg bench` arguments for every suite, e.g. --dtypes bf16),
+# GPU_CHECK_SANITIZER_TESTS (pytest arguments under memcheck, run in one process instead of
+# OP_TESTS, e.g. -m "cuda and not slow" tests/), FASTSEG_GIT_COMMIT (the commit
+# measured, recorded in the JSON: the machine's copy of the tree may have no .git),
+# TORCH_CUDA_ARCH_LIST (default 9.0).
 
 set -u
 cd "$(dirname "$0")/.." || exit 2
@@ -58,7 +70,18 @@ if [ -z "${FASTSEG_GIT_COMMIT:-}" ]; then
 fi
 export FASTSEG_GIT_COMMIT
 export GPU_CHECK_BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-}
-export GPU_CHECK_SANITIZER_TESTS=${GPU_CHECK_SANITIZER_TESTS:--m "cuda and not slow" tests/}
+export GPU_CHECK_BENCH_QUICK=${GPU_CHECK_BENCH_QUICK:-1}
+export GPU_CHECK_SANITIZER_TESTS=${GPU_CHECK_SANITIZER_TESTS:-}
+# Each op's test file (test-cuda says which are missing) and the tests of it to run under
+# memcheck (pytest -m | -k): the CUDA tests on small shapes - every odd-shape / offset case
+# (matches_eager), empty batches, the strided x layouts; the whole layout matrix and the dtype
+# sweep ran in test-cuda. (test_fcn_decoder.py: its few end-to-end 500x500 tests.)
+export OP_TESTS="
+tests/test_softmax_cross_entropy.py|cuda and not slow|
+tests/test_upsample_add.py|cuda and not slow|(matches_eager and ac0) or empty_batch or layouts[strided
+tests/test_deconv_add.py|cuda and not slow|matches_eager or empty_batch or non_contiguous or layouts[strided
+tests/test_fcn_decoder.py|cuda and not slow|
+"
 
 BUDGET=${GPU_CHECK_BUDGET_S:-460}
 START=$(date +%s)
@@ -66,6 +89,7 @@ START=$(date +%s)
 # Exit codes a step uses besides 0 / failure.
 export RC_SKIP=200      # not applicable here (a tool is missing): not a failure
 export RC_NOTESTS=201   # pytest collected nothing for the selection: not a failure
+export RC_PARTIAL=202   # ran clean, but part of it was cut by its time share: not a failure
 
 # ------------------------------------------------------------------------------------------
 # The steps. Each runs in its own bash under `timeout`, so everything it uses is exported.
@@ -146,6 +170,10 @@ step_build() {
 }
 
 step_test_cuda() {
+    local f
+    for f in $(echo "$OP_TESTS" | cut -d'|' -f1); do
+        [ -f "$f" ] || echo "note: $f is not in this tree (yet): its CUDA tests do not run"
+    done
     run_pytest "$LOGS/junit-test-cuda.xml" -m cuda tests/
 }
 
@@ -154,26 +182,59 @@ step_triton_gpu() {
     # test whose name, parameters or module name triton (-k triton), TRITON_INTERPRET unset.
     # (Tests that need the interpreter skip themselves here; the CUDA-marked tests of each op,
     # which run its Triton backend on CUDA tensors, ran in test-cuda.)
-    run_pytest "$LOGS/junit-triton-gpu.xml" -k triton tests/
+    # (-m "not cuda": the cuda-triton parameters of the op tests ran in test-cuda.)
+    run_pytest "$LOGS/junit-triton-gpu.xml" -k triton -m "\"not cuda\"" tests/
 }
 
-step_bench() {
-    local max_time=$(( ${STEP_TIMEOUT:-180} - 30 ))
-    [ "$max_time" -lt 20 ] && max_time=20
-    local cmd exe
-    # The console script pip installed beside this python, else the one on PATH.
+bench_cmd() {
+    # The console script pip installed beside this python, else the one on PATH, else main().
+    local exe
     exe="$(dirname "$(command -v "$PY")")/fastseg"
     [ -x "$exe" ] || exe=$(command -v fastseg || true)
     if [ -n "$exe" ] && "$exe" bench --help >/dev/null 2>&1; then
-        cmd=("$exe" bench)
+        BENCH=("$exe" bench)
     else
         echo "(the fastseg command is not usable; calling fastseg.bench.main directly)"
-        cmd=("$PY" -c "import sys; from fastseg.bench import main; sys.exit(main(sys.argv[1:]))")
+        BENCH=("$PY" -c "import sys; from fastseg.bench import main; sys.exit(main(sys.argv[1:]))")
     fi
-    echo "+ ${cmd[*]} --device cuda --out $OUT/bench --max-time $max_time $GPU_CHECK_BENCH_ARGS"
+}
+
+step_bench() {
+    # Two runs, one per op suite, so that each gets its share of the step's time (--max-time
+    # only stops new runs from starting: hold back ~40 s for the one in flight and the reports).
+    local limit=${STEP_TIMEOUT:-180} t0 left ce_max ua_max rc=0 rc_ua quick=""
+    t0=$(date +%s)
+    [ "$GPU_CHECK_BENCH_QUICK" = "1" ] && quick="--quick"
+    bench_cmd
+    ce_max=$(( (limit - 80) * 2 / 5 ))
+    [ "$ce_max" -lt 20 ] && ce_max=20
+    echo "+ ${BENCH[*]} --device cuda --ops cross_entropy $quick --out $OUT/bench --max-time $ce_max $GPU_CHECK_BENCH_ARGS"
     # The extra arguments are meant to split into words.
     # shellcheck disable=SC2086
-    "${cmd[@]}" --device cuda --out "$OUT/bench" --max-time "$max_time" $GPU_CHECK_BENCH_ARGS
+    timeout --kill-after=5 $(( ce_max + 40 )) "${BENCH[@]}" --device cuda --ops cross_entropy \
+        $quick --out "$OUT/bench" --max-time "$ce_max" $GPU_CHECK_BENCH_ARGS || rc=$?
+    case $rc in 124|137) echo "!! the cross_entropy run overran its share and was stopped"; rc=1 ;; esac
+    left=$(( limit - ($(date +%s) - t0) ))
+    ua_max=$(( left - 40 ))
+    if [ "$ua_max" -lt 15 ]; then
+        echo "!! ${left}s left of the step: the upsample_add suite does not run"
+        return 1
+    fi
+    echo "+ ${BENCH[*]} --device cuda --ops upsample_add $quick --no-plot --out $OUT/bench/upsample_add --max-time $ua_max $GPU_CHECK_BENCH_ARGS"
+    # shellcheck disable=SC2086
+    "${BENCH[@]}" --device cuda --ops upsample_add $quick --no-plot --out "$OUT/bench/upsample_add" \
+        --max-time "$ua_max" $GPU_CHECK_BENCH_ARGS
+    rc_ua=$?
+    [ "$rc" -eq 0 ] && rc=$rc_ua
+    return "$rc"
+}
+
+sanitize_pytest() {
+    # sanitize_pytest JUNIT "PYTEST ARGS": pytest under memcheck, the arguments one string
+    # (quotes in it are honoured); exit 86 = memory errors found.
+    local junit=$1 args=$2
+    eval "compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 86 \
+        --target-processes all \"$PY\" -m pytest $(pytest_args "$junit") -x $args"
 }
 
 step_sanitizer() {
@@ -184,14 +245,58 @@ step_sanitizer() {
     # Exact-size cudaMalloc per tensor, so an access past a tensor's end is out of bounds for
     # memcheck instead of landing in the caching allocator's slack.
     export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-    echo "+ compute-sanitizer --tool memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) pytest $GPU_CHECK_SANITIZER_TESTS"
-    local junit="$LOGS/junit-sanitizer.xml"
-    eval "compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 86 \
-        --target-processes all \"$PY\" -m pytest $(pytest_args "$junit") -x $GPU_CHECK_SANITIZER_TESTS"
-    local rc=$?
-    [ "$rc" -eq 5 ] && return "$RC_NOTESTS"
-    [ "$rc" -eq 86 ] && echo "!! compute-sanitizer reported memory errors (see above)"
-    return "$rc"
+    local rc
+    if [ -n "$GPU_CHECK_SANITIZER_TESTS" ]; then
+        echo "+ compute-sanitizer --tool memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) pytest $GPU_CHECK_SANITIZER_TESTS"
+        sanitize_pytest "$LOGS/junit-sanitizer.xml" "$GPU_CHECK_SANITIZER_TESTS"
+        rc=$?
+        [ "$rc" -eq 5 ] && return "$RC_NOTESTS"
+        [ "$rc" -eq 86 ] && echo "!! compute-sanitizer reported memory errors (see above)"
+        return "$rc"
+    fi
+    # One process per op test file, each with an equal share of the time left (what one
+    # leaves goes to the next), so that every op is checked even when one is slow.
+    local limit=${STEP_TIMEOUT:-120} t0 files=() marks=() keys=() i n left share status
+    local worst=0 ran=0 partial=0 line file mark key
+    t0=$(date +%s)
+    while IFS='|' read -r file mark key; do
+        [ -z "$file" ] && continue
+        if [ ! -f "$file" ]; then
+            echo "[sanitizer] $file: not in this tree (yet), skipped"
+            continue
+        fi
+        files+=("$file"); marks+=("$mark"); keys+=("$key")
+    done <<< "$OP_TESTS"
+    n=${#files[@]}
+    [ "$n" -eq 0 ] && return "$RC_NOTESTS"
+    for i in "${!files[@]}"; do
+        left=$(( limit - ($(date +%s) - t0) - 8 ))
+        share=$(( left / (n - i) ))
+        if [ "$share" -lt 15 ]; then
+            echo "[sanitizer] ${files[$i]}: NOTIME (${left}s left)"
+            partial=1
+            continue
+        fi
+        line="-m \"${marks[$i]}\""
+        [ -n "${keys[$i]}" ] && line="$line -k \"${keys[$i]}\""
+        echo "+ [${share}s] compute-sanitizer --tool memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) pytest $line ${files[$i]}"
+        timeout --kill-after=5 "$share" bash -c 'sanitize_pytest "$1" "$2"' _ \
+            "$LOGS/junit-sanitizer-$i.xml" "-v $line ${files[$i]}"
+        rc=$?
+        case $rc in
+            0) status=PASS; ran=1 ;;
+            5) status=NOTESTS ;;
+            124|137) status="PARTIAL (cut at its ${share}s share: the tests above ran clean)"
+               partial=1; ran=1 ;;
+            86) status="MEMORY ERRORS (see above)"; worst=1 ;;
+            *) status="FAIL (exit $rc)"; worst=1 ;;
+        esac
+        echo "[sanitizer] ${files[$i]}: $status"
+    done
+    [ "$worst" -ne 0 ] && return 1
+    [ "$ran" -eq 0 ] && return "$RC_NOTESTS"
+    [ "$partial" -ne 0 ] && return "$RC_PARTIAL"
+    return 0
 }
 
 step_test_all() {
@@ -200,22 +305,22 @@ step_test_all() {
         extra="-n ${GPU_CHECK_XDIST_WORKERS:-8}"
     fi
     # shellcheck disable=SC2086
-    run_pytest "$LOGS/junit-test-all.xml" $extra -m "\"not triton_interpret\"" tests/
+    run_pytest "$LOGS/junit-test-all.xml" $extra -m "\"not triton_interpret and not cuda\"" tests/
 }
 
-export -f pytest_args run_pytest step_env step_build step_test_cuda step_triton_gpu step_bench \
-    step_sanitizer step_test_all
+export -f pytest_args run_pytest step_env step_build step_test_cuda step_triton_gpu bench_cmd \
+    step_bench sanitize_pytest step_sanitizer step_test_all
 
 # name, function, cap (s), least time it needs (s): the later steps' least times are held
 # back from each step's timeout so that every step gets its turn within the budget.
 STEP_TABLE="
 env        step_env         30   10
 build      step_build       240  60
-test-cuda  step_test_cuda   90   30
+test-cuda  step_test_cuda   150  40
 triton-gpu step_triton_gpu  60   20
-bench      step_bench       180  60
+bench      step_bench       180  80
 sanitizer  step_sanitizer   120  30
-test-all   step_test_all    150  40
+test-all   step_test_all    120  30
 "
 WANTED=${GPU_CHECK_STEPS:-env build test-cuda triton-gpu bench sanitizer test-all}
 
@@ -253,6 +358,7 @@ for i in "${!names[@]}"; do
         0) status=PASS ;;
         "$RC_SKIP") status=SKIP ;;
         "$RC_NOTESTS") status=NOTESTS ;;
+        "$RC_PARTIAL") status=PARTIAL ;;
         124|137) status=TIMEOUT; failed=1; echo "!! timed out after ${limit}s" >> "$log" ;;
         *) status=FAIL; failed=1 ;;
     esac
@@ -302,11 +408,12 @@ for i in "${!statuses[@]}"; do
             ;;
     esac
 done
-if [ -f "$OUT/bench/results.md" ]; then
+for md in "$OUT/bench/results.md" "$OUT/bench/upsample_add/results.md"; do
+    [ -f "$md" ] || continue
     echo
-    echo "----- bench: full step (from $OUT/bench/results.md) -----"
-    awk '/^### full step/ {p = 1} /^### / && !/^### full step/ {p = 0} p' "$OUT/bench/results.md" | head -40
-fi
+    echo "----- bench: full step (from ${md#"$OUT"/}) -----"
+    awk '/^### full step/ {p = 1} /^### / && !/^### full step/ {p = 0} p' "$md" | head -40
+done
 echo
 cat "$OUT/summary.txt"
 echo "outputs in $OUT: $(cd "$OUT" && find . -type f | sed 's|^\./||' | sort | tr '\n' ' ')"

@@ -18,6 +18,17 @@ def devices():
     return out
 
 
+def require_triton_interpreter():
+    """At the top of a triton_interpret test module: skip the module unless TRITON_INTERPRET=1
+    was set before triton was imported (the flag is read when the kernels are defined) and
+    triton is importable."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported (run this file in "
+                    "its own process: TRITON_INTERPRET=1 pytest -m triton_interpret ...)",
+                    allow_module_level=True)
+    pytest.importorskip("triton")
+
+
 def fused_backends(op: str, device: str) -> list[str]:
     """The fused backends expected to serve float32 inputs on `device` in this process."""
     if device == "cpu":

@@ -172,3 +172,130 @@ def test_cli_list_and_rerender(tiny_run, tmp_path, capsys):
 def test_cli_rejects_unknown_op():
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--ops", "no_such_op", "--list"])
+
+
+# --- the FCN decoder suite (fastseg/bench/upsample_add.py) ----------------------------------
+
+from fastseg.bench import upsample_add as decoder_bench  # noqa: E402
+
+# One tiny level with a cropped skip (k4 s2 deconvolution of 5x6 -> 12x14, cropped at 1 to
+# 10x11; the skip 13x14 read from (2, 1)) and one without a skip (k16 s8, centre crop 4).
+TINY_LEVELS = [
+    ("tiny", {"x": (2, 3, 5, 6), "skip": (2, 3, 13, 14), "out": (10, 11), "kernel": 4,
+              "stride": 2, "skip_offset": (2, 1), "crop": (1, 1)}),
+    ("tiny-x8", decoder_bench.final_x8(1, 2, 16, 24)),
+]
+DECODER_PROBLEMS = {f"{name}-{form}" for name, _ in TINY_LEVELS for form in decoder_bench.FORMS}
+
+
+@pytest.fixture(scope="module")
+def decoder_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-decoder")
+    suite = decoder_bench.UpsampleAddSuite(levels_cpu=TINY_LEVELS)
+    result = harness.run([suite], tiny_config(), str(out), argv=["test_bench"],
+                         print_markdown=False)
+    return result, out
+
+
+def test_decoder_json_has_one_ok_record_per_run(decoder_run):
+    result, out = decoder_run
+    with open(out / harness.RESULTS_JSON) as f:
+        saved = json.load(f)
+    assert saved["schema"] == harness.SCHEMA and saved["header"]["complete"] is True
+    info = saved["suites"]["upsample_add"]
+    assert info["baseline"] == "eager" and "forward = e*(X + V + K + O)" in info["bytes_model"]
+    assert {"eager", "compile"} <= set(info["providers"])
+    records = saved["records"]
+    keys = [(r["op"], r["problem"], r["dtype"], r["mode"], r["provider"]) for r in records]
+    assert len(keys) == len(set(keys)), "duplicate records"
+    assert set(keys) == {("upsample_add", name, "float32", mode, provider)
+                         for name in DECODER_PROBLEMS for mode in MODES for provider in PROVIDERS}
+    for r in records:
+        assert r["status"] == "ok", r
+        for field in ("time_ms", "time_ms_p20", "time_ms_p80", "gbps", "floor_fraction"):
+            assert isinstance(r[field], float), (field, r)
+        assert isinstance(r["peak_bytes"], int), r
+        params = r["params"]
+        assert params["form"] in decoder_bench.FORMS
+        assert params["op"] == decoder_bench.OPS[params["form"]]
+        assert r["problem"] == f"{params['level']}-{params['form']}"
+        if r["provider"] == "reference":
+            # The reference composition is the eager one: the check must agree exactly.
+            assert r["check"]["ok"] and r["check"]["rel_err"] <= 1e-6, r["check"]
+
+
+def test_decoder_min_bytes_by_hand():
+    """The stated model on FCN-8s' upscore_pool4 level of a 500x500 VOC image, batch 2, fp32:
+    x 2x21x34x34 (X = 48552), output 70x70 (O = 205800), skip 88x88 (S = 325248) read at 9,
+    weight 21x1x4x4 (K = 336)."""
+    suite = decoder_bench.SUITE
+    problems = {p.name: p for p in suite.problems(CPU, quick=True)}
+    bilinear = problems["voc500-pool3-bilinear"]
+    deconv = problems["voc500-pool3-deconv"]
+    assert bilinear.shape == deconv.shape == (2, 21, 34, 34)
+    assert bilinear.params["skip_shape"] == [2, 21, 88, 88]
+    assert bilinear.params["skip_offset"] == [9, 9] and bilinear.params["output_size"] == [70, 70]
+    assert deconv.params["kernel"] == 4 and deconv.params["stride"] == 2
+    assert deconv.params["fcn_layer"] == "upscore_pool4"
+    # bilinear: forward 4 * (X + V + O) = 4 * (48552 + 205800 + 205800)
+    #           backward 4 * (O + X + S) = 4 * (205800 + 48552 + 325248)
+    assert suite.min_bytes(bilinear, "forward") == 1_840_608
+    assert suite.min_bytes(bilinear, "backward") == 2_318_400
+    assert suite.min_bytes(bilinear, "full") == 1_840_608 + 2_318_400
+    # deconv: + 4 * K in the forward; + 4 * (X + 2K) in the backward
+    assert suite.min_bytes(deconv, "forward") == 1_840_608 + 1_344
+    assert suite.min_bytes(deconv, "backward") == 2_318_400 + 196_896
+    assert suite.min_bytes(deconv, "full") == 1_841_952 + 2_515_296
+
+
+def test_decoder_records_carry_the_suite_bytes(decoder_run):
+    result, _ = decoder_run
+    suite = decoder_bench.UpsampleAddSuite(levels_cpu=TINY_LEVELS)
+    problems = {p.name: p for p in suite.problems(CPU, quick=False)}
+    for r in result["records"]:
+        assert r["min_bytes"] == suite.min_bytes(problems[r["problem"]], r["mode"]), r
+    # e.g. tiny-deconv full: X = 2*3*5*6 = 180, O = 2*3*10*11 = 660, S = 2*3*13*14 = 1092,
+    # K = 3*4*4 = 48
+    assert suite.min_bytes(problems["tiny-deconv"], "full") == 4 * (
+        (180 + 660 + 48 + 660) + (660 + 180 + 1092) + (180 + 2 * 48))
+
+
+def test_fcn8s_geometry():
+    """The reference FCN-8s' sizes: conv1 pad 100, ceil-mode pools, fc6 7x7, crops 5/9/31."""
+    assert decoder_bench.fcn8s_sizes(500) == {
+        "input": 500, "pool3": 88, "pool4": 44, "score_fr": 16, "upscore2": 34,
+        "upscore_pool4": 70, "upscore8": 568}
+    assert decoder_bench.fcn8s_sizes(512) == {
+        "input": 512, "pool3": 89, "pool4": 45, "score_fr": 17, "upscore2": 36,
+        "upscore_pool4": 74, "upscore8": 600}
+    levels = dict(decoder_bench.fcn8s_levels(16, 21, 500, 500))
+    assert levels["upscore2"]["x"] == (16, 21, 16, 16)
+    assert levels["upscore2"]["skip"] == (16, 21, 44, 44)
+    assert levels["upscore_pool4"]["skip_offset"] == (9, 9)
+    assert levels["upscore8"]["crop"] == (31, 31) and levels["upscore8"]["out"] == (500, 500)
+
+
+@pytest.mark.parametrize("device_type", ["cuda", "cpu"])
+def test_every_level_composes_to_its_output_size(device_type):
+    """Each problem's eager composition (on meta tensors: no memory) gives (N, C, Ho, Wo),
+    and the skip window and the crop fit."""
+    suite = decoder_bench.SUITE
+    for problem in suite.problems(torch.device(device_type), quick=False):
+        p = problem.params
+        inputs = suite.make_inputs(problem, torch.device("meta"), None)
+        out = decoder_bench.eager_fn(p)(*inputs.args)
+        assert tuple(out.shape) == (*problem.shape[:2], *p["output_size"]), problem.label
+        if p["skip_shape"] is not None:
+            assert all(o + n <= s for o, n, s in
+                       zip(p["skip_offset"], p["output_size"], p["skip_shape"][2:]))
+
+
+def test_decoder_suite_is_registered_and_listed(capsys):
+    assert "upsample_add" in SUITES
+    assert main(["--device", "cpu", "--ops", "upsample_add", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "voc500-x8-deconv 2x21x70x70 fp32" in listing
+    assert "provider eager" in listing and "provider compile" in listing
+    quick = {p.name for p in decoder_bench.SUITE.problems(CPU, quick=True)}
+    assert quick == {f"{level}-{form}" for level in decoder_bench.CPU_QUICK
+                     for form in decoder_bench.FORMS}

@@ -8,6 +8,7 @@ Every test is parametrized over (device, backend): the fused backends expected o
 device (conftest.fused_backends) and, on the CPU, the "reference" backend too.
 """
 
+import functools
 import zlib
 
 import pytest
@@ -19,55 +20,16 @@ from fastseg.nn import DeconvAdd
 from fastseg.nn.init import bilinear_, bilinear_kernel
 from fastseg.ops import deconv_add
 
-from conftest import HAS_CUDA, fused_backends
+from conftest import HAS_CUDA, devices, fused_backends
+import decoder_helpers
+from decoder_helpers import (
+    assert_bitwise_repeatable, assert_error_at_most_twice_eager, assert_layout_results_close,
+    assert_results_close, assert_same_under_deterministic_algorithms, check_format,
+    compiled_matches_uncompiled, has_kernel, parametrize_layouts, rand, to_layout,
+)
 
 OP = "deconv_add"
-
-
-def device_backends(op=OP, reference=True):
-    """pytest params (device, backend): the fused backends per device, plus cpu-reference."""
-    params = [pytest.param("cpu", name, id=f"cpu-{name}") for name in fused_backends(op, "cpu")]
-    if reference:
-        params.append(pytest.param("cpu", "reference", id="cpu-reference"))
-    cuda_marks = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]
-    for name in (fused_backends(op, "cuda") if HAS_CUDA else ["cuda"]):
-        params.append(pytest.param("cuda", name, id=f"cuda-{name}", marks=cuda_marks))
-    return params
-
-
-def rand(shape, device="cpu", dtype=torch.float64, seed=0, scale=1.0):
-    """Fresh random values (never zeros), built in float64 on the CPU for reproducibility."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randn(shape, generator=g, dtype=torch.float64) * scale + 0.25
-    return t.to(device=device, dtype=dtype)
-
-
-def to_layout(t, layout):
-    """The same values in another memory layout (of a new buffer)."""
-    if layout == "contiguous":
-        return t.contiguous()
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "strided":  # every other column of a bigger buffer
-        big = torch.empty(t.shape[:-1] + (2 * t.shape[-1],), dtype=t.dtype, device=t.device)
-        big[..., ::2] = t
-        return big[..., ::2]
-    if layout == "transposed":  # W stride > H stride
-        return t.transpose(2, 3).contiguous().transpose(2, 3)
-    if layout == "channel_sliced":
-        big = torch.empty((t.shape[0], 2 * t.shape[1]) + t.shape[2:], dtype=t.dtype, device=t.device)
-        big[:, ::2] = t
-        return big[:, ::2]
-    if layout == "expanded":  # stride 0 along N; values of sample 0
-        return t[:1].expand(t.shape)
-    raise ValueError(layout)
-
-
-def check_format(out, x, msg=""):
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        assert out.is_contiguous(memory_format=torch.channels_last), (out.stride(), x.stride(), msg)
-    else:
-        assert out.is_contiguous(), (out.stride(), x.stride(), msg)
+device_backends = functools.partial(decoder_helpers.device_backends, OP)
 
 
 def pair(v):
@@ -163,12 +125,7 @@ def test_matches_eager(device, backend, case):
     got = run(deconv_add, x, w, skip, grad, backend=backend, **opts)
     msg = f"{backend} {name} {dtype}"
     assert got[0].shape == shape and got[0].dtype == dtype, msg
-    for what, a, b in zip(NAMES, got, ref):
-        if b is None:
-            assert a is None, msg
-            continue
-        assert a.shape == b.shape and a.dtype == dtype, (what, msg)
-        torch.testing.assert_close(a.double(), b, **tol(dtype), msg=lambda m: f"{what} {msg}: {m}")
+    assert_results_close(NAMES, got, ref, tol(dtype), msg, dtype=dtype)
     if backend != "reference":
         check_format(got[0], x, msg)
 
@@ -196,26 +153,11 @@ def test_low_precision_error_at_most_twice_eager(device, backend, dtype, case):
               grad.double(), **opts)
     theirs = run(eager, x, w, skip, grad, **opts)
     ours = run(deconv_add, x, w, skip, grad, backend=backend, **opts)
-    eps = torch.finfo(dtype).eps
-    for what, a, e, r in zip(NAMES, ours, theirs, ref):
-        if r is None:
-            continue
-        assert a.dtype == dtype and a.shape == r.shape, what
-        err = (a.double() - r).abs().max().item()
-        err_eager = (e.double() - r).abs().max().item()
-        floor = eps * r.abs().max().item()
-        assert err <= 2 * err_eager + floor, (
-            f"{backend} {name} {dtype} {what}: max error {err:.3g} vs eager {err_eager:.3g} "
-            f"(floor {floor:.3g})")
-
-
-LAYOUTS = ["contiguous", "channels_last", "strided", "transposed", "channel_sliced"]
+    assert_error_at_most_twice_eager(NAMES, ours, theirs, ref, dtype, f"{backend} {name} {dtype}")
 
 
 @pytest.mark.parametrize("device,backend", device_backends(reference=False))
-@pytest.mark.parametrize("x_layout", LAYOUTS)
-@pytest.mark.parametrize("skip_layout", LAYOUTS + ["none"])
-@pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last", "strided", "expanded"])
+@parametrize_layouts
 def test_layouts(device, backend, x_layout, skip_layout, grad_layout):
     dtype = torch.float64 if device == "cpu" else torch.float32
     x, w, skip, offset, shape = make_case((2, 3, 5, 4), 4, 2, (1, 2), None, (2, 1, 1, 0),
@@ -228,9 +170,7 @@ def test_layouts(device, backend, x_layout, skip_layout, grad_layout):
               grad.double().contiguous(), **opts)
     got = run(deconv_add, x, w, skip, grad, backend=backend, **opts)
     msg = f"{backend} x={x_layout} skip={skip_layout} grad={grad_layout}"
-    for what, a, b in zip(NAMES, got, ref):
-        if b is not None:
-            torch.testing.assert_close(a.double(), b, **tol(dtype), msg=lambda m: f"{what} {msg}: {m}")
+    assert_layout_results_close(NAMES, got, ref, tol(dtype), msg)
     if backend != "reference":
         check_format(got[0], x, msg)
 
@@ -320,46 +260,26 @@ def test_gradcheck_float64(device, backend):
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8), (x_shape, k, stride)
 
 
-def _results(backend, x, w, skip, grad, **kw):
-    return run(deconv_add, x, w, skip, grad, backend=backend, **kw)
+def _float32_run(backend, device, x_shape, k, stride, crop, skip_spec, seed):
+    """run() of one float32 case (output gradient of seed + 1) as a call without arguments."""
+    x, w, skip, offset, shape = make_case(x_shape, k, stride, crop, None, skip_spec,
+                                          device, torch.float32, seed)
+    grad = rand(shape, device, torch.float32, seed=seed + 1)
+    return lambda: run(deconv_add, x, w, skip, grad, backend=backend, stride=stride, crop=crop,
+                       skip_offset=offset)
 
 
 @pytest.mark.parametrize("device,backend", device_backends(reference=False))
 def test_bitwise_repeatable_and_thread_count_independent(device, backend):
     """Including the weight gradient, a reduction over N, H, W in a fixed order."""
-    x, w, skip, offset, shape = make_case((2, 21, 30, 40), 4, 2, (1, 1), None, (5, 5, 0, 0),
-                                          device, torch.float32, seed=16)
-    grad = rand(shape, device, torch.float32, seed=17)
-    kw = dict(stride=2, crop=(1, 1), skip_offset=offset)
-    first = _results(backend, x, w, skip, grad, **kw)
-    runs = [_results(backend, x, w, skip, grad, **kw)]
-    if device == "cpu":
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
-            runs.append(_results(backend, x, w, skip, grad, **kw))
-        finally:
-            torch.set_num_threads(threads)
-    for other in runs:
-        for what, a, b in zip(NAMES, first, other):
-            assert torch.equal(a, b), what
+    compute = _float32_run(backend, device, (2, 21, 30, 40), 4, 2, (1, 1), (5, 5, 0, 0), seed=16)
+    assert_bitwise_repeatable(NAMES, compute, device)
 
 
 @pytest.mark.parametrize("device,backend", device_backends(reference=False))
 def test_runs_under_deterministic_algorithms(device, backend):
-    x, w, skip, offset, shape = make_case((2, 5, 9, 7), 16, 8, (4, 4), None, (2, 2, 0, 0),
-                                          device, torch.float32, seed=18)
-    grad = rand(shape, device, torch.float32, seed=19)
-    kw = dict(stride=8, crop=(4, 4), skip_offset=offset)
-    expected = _results(backend, x, w, skip, grad, **kw)
-    enabled = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        got = _results(backend, x, w, skip, grad, **kw)
-    finally:
-        torch.use_deterministic_algorithms(enabled)
-    for what, a, b in zip(NAMES, got, expected):
-        assert torch.equal(a, b), what
+    compute = _float32_run(backend, device, (2, 5, 9, 7), 16, 8, (4, 4), (2, 2, 0, 0), seed=18)
+    assert_same_under_deterministic_algorithms(NAMES, compute)
 
 
 # --- errors ---------------------------------------------------------------------------
@@ -450,20 +370,6 @@ def test_auto_picks_the_cpu_kernel_when_built():
 
 # --- torch.library ------------------------------------------------------------------------
 
-def has_kernel(op_name, device):
-    key = "CUDA" if device == "cuda" else "CPU"
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastseg::{op_name}", key)
-    except RuntimeError:
-        return False
-
-
-def _devices():
-    return [pytest.param("cpu", id="cpu"),
-            pytest.param("cuda", id="cuda", marks=[
-                pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")])]
-
-
 def _op_samples(device):
     """(x, weight, skip, stride, crop, skip_offset, output_size) for the forward op."""
     for layout, with_skip, k, stride, crop, size in (
@@ -481,7 +387,7 @@ def _op_samples(device):
         yield x, w, skip, list(stride), list(crop), list(offset), list(size)
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", devices())
 def test_opcheck_forward_op(device):
     if not has_kernel("deconv_add_forward", device):
         pytest.skip(f"fastseg::deconv_add_forward has no {device} kernel in this build")
@@ -494,7 +400,7 @@ def test_opcheck_forward_op(device):
                               (x, w, skip, stride, crop, offset, size))
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", devices())
 def test_opcheck_backward_op(device):
     if not has_kernel("deconv_add_backward", device):
         pytest.skip(f"fastseg::deconv_add_backward has no {device} kernel in this build")
@@ -505,7 +411,7 @@ def test_opcheck_backward_op(device):
                               (grad, x, w, stride, crop))
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", devices())
 def test_direct_op_calls_check_their_arguments(device):
     """The C++ checks guard torch.ops.fastseg calls that bypass the Python layer."""
     if not has_kernel("deconv_add_forward", device):
@@ -534,20 +440,12 @@ def _two_steps(x, w1, w2, skip, backend):
 
 @pytest.mark.parametrize("device,backend", device_backends())
 def test_torch_compile_fullgraph_matches_eager(device, backend):
-    torch._dynamo.reset()
     x = rand((2, 3, 4, 5), device, torch.float32, seed=24)
     w1 = rand((3, 1, 4, 4), device, torch.float32, seed=25)
     w2 = rand((3, 1, 3, 3), device, torch.float32, seed=26)
     skip = rand((2, 3, 11, 11), device, torch.float32, seed=27)  # window (9, 11) at (2, 0)
     leaves = [t.requires_grad_(True) for t in (x, w1, w2, skip)]
-    compiled = torch.compile(_two_steps, fullgraph=True, backend="aot_eager")
-    out = compiled(*leaves, backend)
-    grads = torch.autograd.grad(out.square().sum(), leaves)
-    ref = _two_steps(*leaves, backend)
-    ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
-    torch.testing.assert_close(out, ref)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b)
+    out = compiled_matches_uncompiled(_two_steps, leaves, backend)
     eager_out = eager(eager(x, w1, 2, skip, (1, 1), (2, 0)), w2, (3, 2), None, (0, 1), (0, 0), (20, 15))
     torch.testing.assert_close(out, eager_out, rtol=2e-5, atol=2e-5)
 

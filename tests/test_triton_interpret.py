@@ -10,21 +10,17 @@ plus pixel_weight) in float64, on fresh random data with tiny odd shapes.
 
 import itertools
 import math
-import os
 import zlib
 
 import numpy
 import pytest
 import torch
 
+from conftest import require_triton_interpreter
+
 pytestmark = pytest.mark.triton_interpret
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported (run this file in "
-                "its own process: TRITON_INTERPRET=1 pytest -m triton_interpret ...)",
-                allow_module_level=True)
-
-pytest.importorskip("triton")
+require_triton_interpreter()
 
 from fastseg.ops._reference import REDUCTIONS  # noqa: E402
 from fastseg.ops._reference import softmax_cross_entropy as reference  # noqa: E402

@@ -11,20 +11,16 @@ every program in Python: a few programs per launch), through the public API
 (``backend="triton"``) and through the kernel modules' own functions.
 """
 
-import os
 import zlib
 
 import pytest
 import torch
 
+from conftest import require_triton_interpreter
+
 pytestmark = pytest.mark.triton_interpret
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported (run this file in "
-                "its own process: TRITON_INTERPRET=1 pytest -m triton_interpret ...)",
-                allow_module_level=True)
-
-pytest.importorskip("triton")
+require_triton_interpreter()
 
 import fastseg.ops as ops  # noqa: E402
 from fastseg.ops import _checks, _reference  # noqa: E402

@@ -12,6 +12,7 @@ device (conftest.fused_backends) and, on the CPU, the "reference" backend too (w
 the Python layer's size / scale / offset handling against an independent eager composition).
 """
 
+import functools
 import math
 import zlib
 
@@ -23,23 +24,17 @@ import fastseg
 from fastseg.ops import _checks, upsample_add
 from fastseg.ops.upsample_add import source_scale
 
-from conftest import HAS_CUDA, fused_backends
+from conftest import HAS_CUDA, devices, fused_backends
+import decoder_helpers
+from decoder_helpers import (
+    assert_bitwise_repeatable, assert_error_at_most_twice_eager, assert_layout_results_close,
+    assert_results_close, assert_same_under_deterministic_algorithms, check_format,
+    compiled_matches_uncompiled, has_kernel, parametrize_layouts, rand, to_layout,
+)
 
 OP = "upsample_add"
-
-
-def device_backends(op=OP, reference=True):
-    """pytest params (device, backend): the fused backends per device, plus cpu-reference."""
-    params = []
-    for name in fused_backends(op, "cpu"):
-        params.append(pytest.param("cpu", name, id=f"cpu-{name}"))
-    if reference:
-        params.append(pytest.param("cpu", "reference", id="cpu-reference"))
-    cuda_marks = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]
-    cuda_names = fused_backends(op, "cuda") if HAS_CUDA else ["cuda"]
-    for name in cuda_names:
-        params.append(pytest.param("cuda", name, id=f"cuda-{name}", marks=cuda_marks))
-    return params
+device_backends = functools.partial(decoder_helpers.device_backends, OP)
+NAMES = ("out", "grad_x", "grad_skip")
 
 
 def fused(device, backend):
@@ -47,45 +42,6 @@ def fused(device, backend):
 
 
 # --- data --------------------------------------------------------------------------------
-
-def rand(shape, device="cpu", dtype=torch.float64, seed=0, scale=1.0):
-    """Fresh random values (never zeros), built in float64 on the CPU for reproducibility."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randn(shape, generator=g, dtype=torch.float64) * scale + 0.25
-    return t.to(device=device, dtype=dtype)
-
-
-def to_layout(t, layout):
-    """The same values in another memory layout (of a new buffer)."""
-    if layout == "contiguous":
-        return t.contiguous()
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "strided":  # every other column of a bigger buffer
-        big = torch.empty(t.shape[:-1] + (2 * t.shape[-1],), dtype=t.dtype, device=t.device)
-        big[..., ::2] = t
-        return big[..., ::2]
-    if layout == "transposed":  # W stride > H stride
-        return t.transpose(2, 3).contiguous().transpose(2, 3)
-    if layout == "channel_sliced":  # every other channel of a bigger buffer
-        big = torch.empty((t.shape[0], 2 * t.shape[1]) + t.shape[2:], dtype=t.dtype, device=t.device)
-        big[:, ::2] = t
-        return big[:, ::2]
-    if layout == "expanded":  # stride 0 along N (as from a broadcast); values of sample 0
-        return t[:1].expand(t.shape)
-    raise ValueError(layout)
-
-
-def expect_channels_last(x):
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
-def check_format(out, x, msg=""):
-    if expect_channels_last(x):
-        assert out.is_contiguous(memory_format=torch.channels_last), (out.stride(), x.stride(), msg)
-    else:
-        assert out.is_contiguous(), (out.stride(), x.stride(), msg)
-
 
 def eager(x, skip, size=None, scale_factor=None, align_corners=False, skip_offset=(0, 0)):
     """The contract, written independently of fastseg.ops._reference."""
@@ -192,12 +148,7 @@ def test_matches_eager(device, backend, align_corners, case):
     got = run(upsample_add, x, skip, grad, backend=backend, **opts)
     msg = f"{backend} {name} align_corners={align_corners} {dtype}"
     assert got[0].shape == shape and got[0].dtype == dtype, msg
-    for what, a, b in zip(("out", "grad_x", "grad_skip"), got, ref):
-        if b is None:
-            assert a is None, msg
-            continue
-        assert a.shape == b.shape, (what, msg)
-        torch.testing.assert_close(a.double(), b, **tol(dtype), msg=lambda m: f"{what} {msg}: {m}")
+    assert_results_close(NAMES, got, ref, tol(dtype), msg)
     if fused(device, backend):
         check_format(got[0], x, msg)
 
@@ -224,26 +175,12 @@ def test_low_precision_error_at_most_twice_eager(device, backend, dtype, align_c
     ref = run(eager, x.double(), None if skip is None else skip.double(), grad.double(), **opts)
     theirs = run(eager, x, skip, grad, **opts)
     ours = run(upsample_add, x, skip, grad, backend=backend, **opts)
-    eps = torch.finfo(dtype).eps
-    for what, a, e, r in zip(("out", "grad_x", "grad_skip"), ours, theirs, ref):
-        if r is None:
-            continue
-        assert a.dtype == dtype and a.shape == r.shape, what
-        err = (a.double() - r).abs().max().item()
-        err_eager = (e.double() - r).abs().max().item()
-        floor = eps * r.abs().max().item()
-        assert err <= 2 * err_eager + floor, (
-            f"{backend} {name} {dtype} align_corners={align_corners} {what}: max error {err:.3g} "
-            f"vs eager {err_eager:.3g} (floor {floor:.3g})")
-
-
-LAYOUTS = ["contiguous", "channels_last", "strided", "transposed", "channel_sliced"]
+    assert_error_at_most_twice_eager(NAMES, ours, theirs, ref, dtype,
+                                     f"{backend} {name} {dtype} align_corners={align_corners}")
 
 
 @pytest.mark.parametrize("device,backend", device_backends(reference=False))
-@pytest.mark.parametrize("x_layout", LAYOUTS)
-@pytest.mark.parametrize("skip_layout", LAYOUTS + ["none"])
-@pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last", "strided", "expanded"])
+@parametrize_layouts
 def test_layouts(device, backend, x_layout, skip_layout, grad_layout):
     """Any strides of x, skip and grad_output are read in place; the output is channels_last
     iff x is (and not also contiguous)."""
@@ -258,9 +195,7 @@ def test_layouts(device, backend, x_layout, skip_layout, grad_layout):
               grad.double().contiguous(), **opts)
     got = run(upsample_add, x, skip, grad, backend=backend, **opts)
     msg = f"{backend} x={x_layout} skip={skip_layout} grad={grad_layout}"
-    for what, a, b in zip(("out", "grad_x", "grad_skip"), got, ref):
-        if b is not None:
-            torch.testing.assert_close(a.double(), b, **tol(dtype), msg=lambda m: f"{what} {msg}: {m}")
+    assert_layout_results_close(NAMES, got, ref, tol(dtype), msg)
     if fused(device, backend):
         check_format(got[0], x, msg)
 
@@ -349,29 +284,14 @@ def test_gradcheck_float64(device, backend, align_corners):
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8), (x_shape, kw, skip_spec)
 
 
-def _backward_results(backend, device, x, skip, grad, **kw):
-    return run(upsample_add, x, skip, grad, backend=backend, **kw)
-
-
 @pytest.mark.parametrize("device,backend", device_backends(reference=False))
 def test_bitwise_repeatable_and_thread_count_independent(device, backend):
     x, skip, offset, shape = make_case((2, 21, 40, 50), dict(scale_factor=2.3), (1, 1, 0, 0),
                                        device, torch.float32, seed=14)
     grad = rand(shape, device, torch.float32, seed=15)
     kw = dict(scale_factor=2.3, skip_offset=offset)
-    first = _backward_results(backend, device, x, skip, grad, **kw)
-    again = _backward_results(backend, device, x, skip, grad, **kw)
-    runs = [first, again]
-    if device == "cpu":
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
-            runs.append(_backward_results(backend, device, x, skip, grad, **kw))
-        finally:
-            torch.set_num_threads(threads)
-    for other in runs[1:]:
-        for a, b in zip(first, other):
-            assert torch.equal(a, b)
+    assert_bitwise_repeatable(
+        NAMES, lambda: run(upsample_add, x, skip, grad, backend=backend, **kw), device)
 
 
 @pytest.mark.parametrize("device,backend", device_backends(reference=False))
@@ -382,15 +302,8 @@ def test_runs_under_deterministic_algorithms(device, backend):
                                        device, torch.float32, seed=16)
     grad = rand(shape, device, torch.float32, seed=17)
     kw = dict(scale_factor=2, skip_offset=offset)
-    expected = _backward_results(backend, device, x, skip, grad, **kw)
-    enabled = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        got = _backward_results(backend, device, x, skip, grad, **kw)
-    finally:
-        torch.use_deterministic_algorithms(enabled)
-    for a, b in zip(got, expected):
-        assert torch.equal(a, b)
+    assert_same_under_deterministic_algorithms(
+        NAMES, lambda: run(upsample_add, x, skip, grad, backend=backend, **kw))
 
 
 # --- errors ---------------------------------------------------------------------------
@@ -480,14 +393,6 @@ def test_auto_picks_the_cpu_kernel_when_built():
 
 # --- torch.library ------------------------------------------------------------------------
 
-def has_kernel(op_name, device):
-    key = "CUDA" if device == "cuda" else "CPU"
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastseg::{op_name}", key)
-    except RuntimeError:
-        return False
-
-
 def _op_samples(device):
     """(x, skip, skip_offset, output_size, scales, align_corners) for the forward op."""
     for layout, with_skip, align_corners, size in (
@@ -504,14 +409,7 @@ def _op_samples(device):
         yield x, skip, list(offset), list(size), scales, align_corners
 
 
-def _devices_with_kernel(op_name):
-    out = [pytest.param("cpu", id="cpu")]
-    out.append(pytest.param("cuda", id="cuda", marks=[
-        pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]))
-    return out
-
-
-@pytest.mark.parametrize("device", _devices_with_kernel("upsample_add_forward"))
+@pytest.mark.parametrize("device", devices())
 def test_opcheck_forward_op(device):
     if not has_kernel("upsample_add_forward", device):
         pytest.skip(f"fastseg::upsample_add_forward has no {device} kernel in this build")
@@ -523,7 +421,7 @@ def test_opcheck_forward_op(device):
                               (x, skip, offset, size, scales, ac))
 
 
-@pytest.mark.parametrize("device", _devices_with_kernel("upsample_add_backward"))
+@pytest.mark.parametrize("device", devices())
 def test_opcheck_backward_op(device):
     if not has_kernel("upsample_add_backward", device):
         pytest.skip(f"fastseg::upsample_add_backward has no {device} kernel in this build")
@@ -534,7 +432,7 @@ def test_opcheck_backward_op(device):
                               (grad, list(x.shape[2:]), scales, ac))
 
 
-@pytest.mark.parametrize("device", _devices_with_kernel("upsample_add_forward"))
+@pytest.mark.parametrize("device", devices())
 def test_direct_op_calls_check_their_arguments(device):
     """The C++ checks guard torch.ops.fastseg calls that bypass the Python layer."""
     if not has_kernel("upsample_add_forward", device):
@@ -562,19 +460,11 @@ def _decoder_step(coarse, mid, fine, backend):
 
 @pytest.mark.parametrize("device,backend", device_backends())
 def test_torch_compile_fullgraph_matches_eager(device, backend):
-    torch._dynamo.reset()
     coarse = rand((2, 3, 4, 5), device, torch.float32, seed=21)
     mid = rand((2, 3, 9, 11), device, torch.float32, seed=22)   # window (8, 10) at (1, 1)
     fine = rand((2, 3, 17, 22), device, torch.float32, seed=23)  # window (16, 20) at (0, 2)
     leaves = [t.requires_grad_(True) for t in (coarse, mid, fine)]
-    compiled = torch.compile(_decoder_step, fullgraph=True, backend="aot_eager")
-    out = compiled(*leaves, backend)
-    grads = torch.autograd.grad(out.square().sum(), leaves)
-    ref = _decoder_step(*leaves, backend)
-    ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
-    torch.testing.assert_close(out, ref)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b)
+    out = compiled_matches_uncompiled(_decoder_step, leaves, backend)
     eager_out = eager(eager(eager(coarse, mid, skip_offset=(1, 1)), fine, scale_factor=2,
                             skip_offset=(0, 2)), None, size=(33, 29), align_corners=True) * 2
     torch.testing.assert_close(out, eager_out, rtol=2e-5, atol=2e-5)

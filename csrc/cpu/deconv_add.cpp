@@ -47,6 +47,64 @@ at::Tensor kernel_for(const at::Tensor& weight, const PlaneOrder& order) {
   return order.channels_last ? w.permute({1, 2, 0}).contiguous() : w.contiguous();
 }
 
+// The phase decomposition of one row of a stride-s transposed convolution (NCHW rows, one
+// class): D-index X = m * s + r (phase r in [0, s)) receives x[m - t] * k[t * s + r] for the
+// taps t < T = ceil(k / s). So for every (phase, tap) a whole row is one contiguous axpy over
+// m - vectorized, with no gathers and no overlapping stores - and a (phase, m) table holds
+// the row phase-major. The output window starts at D-index `crop`: m in [m_lo, m_lo + M).
+struct PhaseRows {
+  int64_t stride, taps, m_lo, count;  // s, T, m_lo, M
+  PhaseRows(int64_t stride_, int64_t k, int64_t crop, int64_t out)
+      : stride(stride_), taps((k + stride_ - 1) / stride_), m_lo(crop / stride_),
+        count((crop + out - 1) / stride_ - crop / stride_ + 1) {}
+};
+
+// Forward: adds the row x (in_w values, step x_step) through kernel row kr (kw taps) to the
+// phase table phase[r * M + u] (u = m - m_lo). xbuf holds M + T - 1 values.
+template <typename scalar_t, typename acc_t, typename Step>
+inline void add_row_by_phase(const scalar_t* x, Step x_step, int64_t in_w, const acc_t* __restrict__ kr,
+                             int64_t kw, const PhaseRows& ph, acc_t* __restrict__ xbuf,
+                             acc_t* __restrict__ phase) {
+  const int64_t first = ph.m_lo - (ph.taps - 1);  // input index of xbuf[0]
+  for (int64_t u = 0; u < ph.count + ph.taps - 1; ++u) {
+    const int64_t j = first + u;
+    xbuf[u] = (j >= 0 && j < in_w) ? static_cast<acc_t>(x[j * x_step]) : acc_t(0);
+  }
+  for (int64_t t = 0; t < ph.taps; ++t) {
+    const acc_t* __restrict__ xt = xbuf + (ph.taps - 1 - t);  // xt[u] = x[m_lo + u - t]
+    for (int64_t r = 0; r < ph.stride && t * ph.stride + r < kw; ++r) {
+      const acc_t w = kr[t * ph.stride + r];
+      acc_t* __restrict__ pr = phase + r * ph.count;
+      for (int64_t u = 0; u < ph.count; ++u) pr[u] += w * xt[u];
+    }
+  }
+}
+
+// Interleaves the phase table into the output row acc[0, out) (output xo = D-index xo + crop).
+template <typename acc_t>
+inline void phases_to_row(const acc_t* __restrict__ phase, const PhaseRows& ph, int64_t crop,
+                          int64_t out, acc_t* __restrict__ acc) {
+  for (int64_t u = 0; u < ph.count; ++u) {
+    const int64_t base = (ph.m_lo + u) * ph.stride - crop;  // output index of phase 0
+    const int64_t r_lo = std::max<int64_t>(0, -base), r_hi = std::min(ph.stride, out - base);
+    for (int64_t r = r_lo; r < r_hi; ++r) acc[base + r] = phase[r * ph.count + u];
+  }
+}
+
+// Backward: the transpose of phases_to_row for one gradient row g (out values, step g_step):
+// phase[r * M + u] = g at D-index m * s + r for m in [0, M) (M = in_w + T - 1), 0 outside.
+template <typename scalar_t, typename acc_t, typename Step>
+inline void row_to_phases(const scalar_t* g, Step g_step, int64_t crop, int64_t out, int64_t stride,
+                          int64_t count, acc_t* __restrict__ phase) {
+  for (int64_t m = 0; m < count; ++m) {
+    const int64_t base = m * stride - crop;
+    for (int64_t r = 0; r < stride; ++r) {
+      const int64_t xo = base + r;
+      phase[r * count + m] = (xo >= 0 && xo < out) ? static_cast<acc_t>(g[xo * g_step]) : acc_t(0);
+    }
+  }
+}
+
 template <typename scalar_t>
 void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* skip,
                    at::IntArrayRef offset, const DeconvGeometry& g, at::Tensor& out) {
@@ -65,11 +123,14 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   const int64_t rows = order.planes * g.out_h;
   const int64_t taps = (g.kh + g.stride_h - 1) / g.stride_h;
 
-  // s_step, o_step: skip and output strides along the innermost axis (w for NCHW cells, c else).
-  auto run = [&](auto s_step, auto o_step) {
+  // x_step, s_step, o_step: x, skip and output strides along the innermost axis (w for NCHW
+  // cells, c for channels_last ones).
+  auto run = [&](auto x_step, auto s_step, auto o_step) {
   at::parallel_for(0, rows, rows_per_task(g.out_w * cell * taps), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sums(g.out_w * cell);
-    acc_t* acc = sums.data();
+    acc_t* __restrict__ acc = sums.data();
+    const PhaseRows ph(g.stride_w, g.kw, g.crop_w, g.out_w);
+    std::vector<acc_t> phase_table(cell == 1 ? ph.stride * ph.count : 0), x_row(ph.count + ph.taps);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t plane = row / g.out_h, y = row % g.out_h;
       const scalar_t* xp = x_data + xs.plane(plane, order.channels_last, C);
@@ -78,29 +139,41 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
       std::fill(sums.begin(), sums.end(), acc_t(0));
       int64_t i_lo, i_hi;
       deconv_input_range(y + g.crop_h, g.stride_h, g.kh, g.in_h, &i_lo, &i_hi);
-      for (int64_t i = i_lo; i < i_hi; ++i) {
+      if (cell == 1) {
+        std::fill(phase_table.begin(), phase_table.end(), acc_t(0));
+        for (int64_t i = i_lo; i < i_hi; ++i) {
+          const int64_t p = y + g.crop_h - i * g.stride_h;
+          add_row_by_phase(xp + i * xs.h, x_step, g.in_w, kp + p * g.kw, g.kw, ph, x_row.data(),
+                           phase_table.data());
+        }
+        phases_to_row(phase_table.data(), ph, g.crop_w, g.out_w, acc);
+      }
+      for (int64_t i = i_lo; i < i_hi && cell > 1; ++i) {
         const int64_t p = y + g.crop_h - i * g.stride_h;
         const scalar_t* xr = xp + i * xs.h;
         const acc_t* kr = kp + p * g.kw * cell;
-        for (int64_t j = 0; j < g.in_w; ++j) {
-          int64_t q_lo, q_hi;
-          deconv_tap_range(j, g.stride_w, g.kw, g.crop_w, g.out_w, &q_lo, &q_hi);
-          if (q_lo >= q_hi) continue;
-          acc_t* a = acc + (j * g.stride_w - g.crop_w) * cell;  // output cell of tap 0
-          if (cell == 1) {
-            const acc_t v = static_cast<acc_t>(xr[j * xs.w]);
-            for (int64_t q = q_lo; q < q_hi; ++q) a[q] += v * kr[q];
-          } else {
+        // channels_last: cells of C values. Taps in chunks of one stride: within a chunk,
+        // consecutive inputs j write disjoint
+        // runs of the accumulator (all k taps at once overlap the next input's run, and the
+        // partial-overlap store-to-load forwarding stalled the loop at ~15 cycles an input).
+        for (int64_t q0 = 0; q0 < g.kw; q0 += g.stride_w) {
+          for (int64_t j = 0; j < g.in_w; ++j) {
+            int64_t q_lo, q_hi;
+            deconv_tap_range(j, g.stride_w, g.kw, g.crop_w, g.out_w, &q_lo, &q_hi);
+            q_lo = std::max(q_lo, q0);
+            q_hi = std::min(q_hi, q0 + g.stride_w);
+            if (q_lo >= q_hi) continue;
+            acc_t* __restrict__ a = acc + (j * g.stride_w - g.crop_w) * cell;  // output cell of tap 0
             const scalar_t* xc = xr + j * xs.w;
             for (int64_t q = q_lo; q < q_hi; ++q) {
               acc_t* aq = a + q * cell;
               const acc_t* kq = kr + q * cell;
-              for (int64_t c = 0; c < cell; ++c) aq[c] += static_cast<acc_t>(xc[c * xs.c]) * kq[c];
+              for (int64_t c = 0; c < cell; ++c) aq[c] += static_cast<acc_t>(xc[c * x_step]) * kq[c];
             }
           }
         }
       }
-      scalar_t* o = out_data + os.plane(plane, order.channels_last, C) + y * os.h;
+      scalar_t* __restrict__ o = out_data + os.plane(plane, order.channels_last, C) + y * os.h;
       const scalar_t* s = skip_data ? skip_data + ss.plane(plane, order.channels_last, C) + y * ss.h : nullptr;
       if (cell == 1 && s) {
         for (int64_t xo = 0; xo < g.out_w; ++xo) {
@@ -126,9 +199,9 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   });
   };
   if (cell == 1) {
-    with_unit_strides(run, skip ? ss.w : 1, os.w);
+    with_unit_strides(run, xs.w, skip ? ss.w : 1, os.w);
   } else {
-    with_unit_strides(run, skip ? ss.c : 1, os.c);
+    with_unit_strides(run, xs.c, skip ? ss.c : 1, os.c);
   }
 }
 
@@ -157,6 +230,8 @@ void backward_typed(const at::Tensor& grad, const at::Tensor& x, const at::Tenso
   at::parallel_for(0, units, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(work_per_unit, 1)),
                    [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row_sums(g.in_w * cell);
+    const int64_t taps_w = (g.kw + g.stride_w - 1) / g.stride_w, count = g.in_w + taps_w - 1;
+    std::vector<acc_t> phase_table(cell == 1 ? g.stride_w * count : 0), x_row(cell == 1 ? g.in_w : 0);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t plane = unit / blocks, block = unit % blocks;
       const scalar_t* gp = g_data + gs.plane(plane, order.channels_last, C);
@@ -169,36 +244,50 @@ void backward_typed(const at::Tensor& grad, const at::Tensor& x, const at::Tenso
         const scalar_t* xr = xp + i * xs.h;
         int64_t p_lo, p_hi;
         deconv_tap_range(i, g.stride_h, g.kh, g.crop_h, g.out_h, &p_lo, &p_hi);
-        for (int64_t p = p_lo; p < p_hi; ++p) {
+        if (cell == 1) {
+          // Phase by phase (see PhaseRows): grad_x[j] += k[q] * G[j * s + q - crop] and
+          // grad_weight[q] += sum_j x[j] * G[j * s + q - crop] are, for each tap q, one
+          // contiguous axpy and one dot product over j.
+          for (int64_t j = 0; j < g.in_w; ++j) x_row[j] = static_cast<acc_t>(xr[j * x_step]);
+          for (int64_t p = p_lo; p < p_hi; ++p) {
+            row_to_phases(gp + (i * g.stride_h + p - g.crop_h) * gs.h, g_step, g.crop_w, g.out_w,
+                          g.stride_w, count, phase_table.data());
+            const acc_t* __restrict__ kr = kp + p * g.kw;
+            acc_t* __restrict__ pr = part + p * g.kw;
+            acc_t* __restrict__ rs = row_sums.data();
+            const acc_t* __restrict__ xv = x_row.data();
+            for (int64_t q = 0; q < g.kw; ++q) {
+              const acc_t* __restrict__ gq = phase_table.data() + (q % g.stride_w) * count + q / g.stride_w;
+              const acc_t w = kr[q];
+              acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+              for (int64_t j = 0; j < g.in_w; ++j) {
+                rs[j] += w * gq[j];
+                dot += xv[j] * gq[j];
+              }
+              pr[q] += dot;
+            }
+          }
+        }
+        for (int64_t p = p_lo; p < p_hi && cell > 1; ++p) {
           const scalar_t* gr = gp + (i * g.stride_h + p - g.crop_h) * gs.h;
-          const acc_t* kr = kp + p * g.kw * cell;
-          acc_t* pr = part + p * g.kw * cell;
+          const acc_t* __restrict__ kr = kp + p * g.kw * cell;
+          acc_t* __restrict__ pr = part + p * g.kw * cell;
           for (int64_t j = 0; j < g.in_w; ++j) {
             int64_t q_lo, q_hi;
             deconv_tap_range(j, g.stride_w, g.kw, g.crop_w, g.out_w, &q_lo, &q_hi);
             if (q_lo >= q_hi) continue;
-            const scalar_t* gq0 = gr + (j * g.stride_w - g.crop_w) * gs.w;  // gradient at tap 0
-            if (cell == 1) {
-              const acc_t v = static_cast<acc_t>(xr[j * x_step]);
-              acc_t dot = 0;
-              for (int64_t q = q_lo; q < q_hi; ++q) {
-                const acc_t d = static_cast<acc_t>(gq0[q * g_step]);
-                dot += kr[q] * d;
-                pr[q] += v * d;
-              }
-              row_sums[j] += dot;
-            } else {
-              const scalar_t* xc = xr + j * xs.w;
-              acc_t* rs = row_sums.data() + j * cell;
-              for (int64_t q = q_lo; q < q_hi; ++q) {
-                const scalar_t* gc = gq0 + q * gs.w;
-                const acc_t* kq = kr + q * cell;
-                acc_t* pq = pr + q * cell;
-                for (int64_t c = 0; c < cell; ++c) {
-                  const acc_t d = static_cast<acc_t>(gc[c * g_step]);
-                  rs[c] += kq[c] * d;
-                  pq[c] += static_cast<acc_t>(xc[c * x_step]) * d;
-                }
+            const scalar_t* __restrict__ gq0 = gr + (j * g.stride_w - g.crop_w) * gs.w;  // gradient at tap 0
+            const scalar_t* xc = xr + j * xs.w;
+            acc_t* rs = row_sums.data() + j * cell;
+            for (int64_t q = q_lo; q < q_hi; ++q) {
+              const scalar_t* gc = gq0 + q * gs.w;
+              const acc_t* kq = kr + q * cell;
+              acc_t* pq = pr + q * cell;
+              for (int64_t c = 0; c < cell; ++c) {
+                const acc_t d = static_cast<acc_t>(gc[c * g_step]);
+                rs[c] += kq[c] * d;
+                pq[c] += static_cast<acc_t>(xc[c * x_step]) * d;
               }
             }
           }

@@ -22,9 +22,10 @@
 // the shapes: no atomics, no host sync, the same bits on every run and every GPU.
 // (grad_output is read once by each of the two backward kernels.)
 //
-// Index arithmetic (input and tap ranges) is fastseg/upsample_add.h, shared with the CPU kernel.
+// Index arithmetic (input and tap ranges) is fastseg/upsample_add.h, shared with the CPU kernel;
+// the (rows, cols) view, launch shape and index-type helpers are fastseg/cuda_decoder.cuh,
+// shared with upsample_add.cu.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -37,81 +38,30 @@
 #include <tuple>
 #include <type_traits>
 
+#include "fastseg/cuda_decoder.cuh"
 #include "fastseg/upsample_add.h"
 #include "fastseg/upsample_add_checks.h"
 
 namespace fastseg::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kMinColumns = 32;  // blockDim.x >= one warp: a warp never straddles two rows
-constexpr int kMaxBlockRows = kThreads / kMinColumns;
 constexpr int kRowsPerThread = 4;
 constexpr int kTableRows = kMaxBlockRows * kRowsPerThread;
 // Blocks of the grad_weight reduction over all classes and taps (a fixed number, so that the
 // summation order depends on the shapes only).
 constexpr int64_t kWeightBlocks = 1024;
 
-// float32 / float16 / bfloat16 (float64 is served on the CPU, as for the other ops).
-#define FASTSEG_DISPATCH_FLOATS(TYPE, NAME, ...)               \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                               \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-template <typename index_t>
-struct Strides {
-  index_t n, c, h, w;
-};
-
-template <typename index_t>
-Strides<index_t> strides_of(const at::Tensor& t) {
-  return {static_cast<index_t>(t.stride(0)), static_cast<index_t>(t.stride(1)),
-          static_cast<index_t>(t.stride(2)), static_cast<index_t>(t.stride(3))};
-}
-
-// Whether some offset into t may not fit in int32 (negative strides do not exist in torch).
-bool needs_64bit(const at::Tensor& t) {
-  int64_t span = 1;
-  for (int d = 0; d < t.dim(); ++d) span += (t.size(d) - 1) * t.stride(d);
-  return span > std::numeric_limits<int32_t>::max() ||
-         t.numel() > std::numeric_limits<int32_t>::max();
-}
-
 // The deconvolution's geometry (small values: int).
 struct Geometry {
   int stride_h, stride_w, k_h, k_w, crop_h, crop_w;
 };
 
-struct Launch {
-  dim3 grid, block;
-};
-
-Launch launch_for(const char* op, int64_t rows, int64_t cols) {
-  const int tx = cols <= 32 ? 32 : cols <= 64 ? 64 : cols <= 128 ? 128 : kThreads;
-  const int ty = kThreads / tx;
-  const int64_t block_rows = int64_t{ty} * kRowsPerThread;
-  const int64_t gx = (rows + block_rows - 1) / block_rows;
-  const int64_t gy = (cols + tx - 1) / tx;
-  TORCH_CHECK_VALUE(gx <= std::numeric_limits<int32_t>::max() && gy <= 65535, op,
-                    ": tensor too large for one launch (", rows, " rows x ", cols, " columns)");
-  return {dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), dim3(tx, ty)};
-}
-
-// Row r of the (rows, cols) view -> (n, c, h) for NCHW, (n, 0, h) for channels_last.
-template <typename index_t>
-__device__ inline void decode_row(index_t r, index_t height, index_t channels, bool channels_last,
-                                  index_t* n, index_t* c, index_t* h) {
-  if (channels_last) {
-    *n = r / height;
-    *c = 0;
-    *h = r - *n * height;
-  } else {
-    const index_t plane = r / height;
-    *h = r - plane * height;
-    *n = plane / channels;
-    *c = plane - *n * channels;
-  }
+// w_row[w_i - j * sw] * x_i[j * xs.w] in the accumulation type: input (i, j) times its tap,
+// where w_i is the weight index of row i's tap at j = 0 (see forward_kernel).
+template <typename acc_t, typename scalar_t, typename index_t>
+__device__ inline acc_t tap_product(const scalar_t* w_row, int w_i, const scalar_t* x_i, int j,
+                                    int stride_w, index_t x_stride) {
+  return static_cast<acc_t>(w_row[w_i - j * stride_w]) * static_cast<acc_t>(x_i[j * x_stride]);
 }
 
 // kTaps > 0: at most kTaps inputs per axis reach an output (unrolled); 0: any number.
@@ -127,31 +77,22 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
   __shared__ index_t row_x[kTableRows], row_skip[kTableRows];
   __shared__ int row_w[kTableRows], row_y[kTableRows], row_lo[kTableRows], row_hi[kTableRows];
 
-  const int block_rows = blockDim.y * kRowsPerThread;
-  const index_t first_row = static_cast<index_t>(blockIdx.x) * block_rows;
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  if (tid < block_rows && first_row + tid < rows) {
-    index_t n, c, y;
-    decode_row<index_t>(first_row + tid, out_h, channels, channels_last, &n, &c, &y);
-    const int64_t full_y = y + geo.crop_h;  // the row in the uncropped deconvolution
+  const auto tile = row_tile<kRowsPerThread>(rows, out_h, channels, channels_last);
+  if (tile.fills_table) {
+    const int64_t full_y = tile.h + geo.crop_h;  // the row in the uncropped deconvolution
     int64_t lo, hi;
     deconv_input_range(full_y, geo.stride_h, geo.k_h, in_h, &lo, &hi);
-    row_x[tid] = n * xs.n + c * xs.c;
-    row_skip[tid] = n * ss.n + c * ss.c + y * ss.h;
-    row_w[tid] = static_cast<int>(c) * geo.k_h * geo.k_w;
-    row_y[tid] = static_cast<int>(full_y);
-    row_lo[tid] = static_cast<int>(lo);
-    row_hi[tid] = static_cast<int>(hi);
+    row_x[tile.tid] = tile.n * xs.n + tile.c * xs.c;
+    row_skip[tile.tid] = tile.n * ss.n + tile.c * ss.c + tile.h * ss.h;
+    row_w[tile.tid] = static_cast<int>(tile.c) * geo.k_h * geo.k_w;
+    row_y[tile.tid] = static_cast<int>(full_y);
+    row_lo[tile.tid] = static_cast<int>(lo);
+    row_hi[tile.tid] = static_cast<int>(hi);
   }
   __syncthreads();
 
-  const index_t col = static_cast<index_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (col >= cols) return;
-  index_t ox = col, c = 0;
-  if (channels_last) {
-    ox = col / channels;
-    c = col - ox * channels;
-  }
+  index_t col, ox, c;
+  if (!thread_column(cols, channels, channels_last, &col, &ox, &c)) return;
   const int full_x = static_cast<int>(ox) + geo.crop_w;
   int64_t j_lo64, j_hi64;
   deconv_input_range(full_x, geo.stride_w, geo.k_w, in_w, &j_lo64, &j_hi64);
@@ -161,8 +102,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
   const index_t col_skip = c * ss.c + ox * ss.w;
 #pragma unroll
   for (int k = 0; k < kRowsPerThread; ++k) {
-    const int local = k * blockDim.y + threadIdx.y;
-    const index_t r = first_row + local;
+    const auto [local, r] = tile_row(tile, k);
     if (r >= rows) break;  // rows only grow with k
     const scalar_t* x_row = x_col + row_x[local];
     const scalar_t* w_row = w_col + row_w[local];
@@ -180,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
           for (int b = 0; b < kTaps; ++b) {
             const int j = j_lo + b;
             if (j < j_hi) {
-              value += static_cast<acc_t>(w_row[w_i - j * geo.stride_w]) * static_cast<acc_t>(x_i[j * xs.w]);
+              value += tap_product<acc_t>(w_row, w_i, x_i, j, geo.stride_w, xs.w);
             }
           }
         }
@@ -190,7 +130,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
         const int w_i = (full_y - i * geo.stride_h) * geo.k_w + full_x;
         const scalar_t* x_i = x_row + i * xs.h;
         for (int j = j_lo; j < j_hi; ++j) {
-          value += static_cast<acc_t>(w_row[w_i - j * geo.stride_w]) * static_cast<acc_t>(x_i[j * xs.w]);
+          value += tap_product<acc_t>(w_row, w_i, x_i, j, geo.stride_w, xs.w);
         }
       }
     }
@@ -210,29 +150,21 @@ __global__ void __launch_bounds__(kThreads) backward_input_kernel(
   __shared__ index_t row_g[kTableRows];
   __shared__ int row_w[kTableRows], row_y0[kTableRows], row_lo[kTableRows], row_hi[kTableRows];
 
-  const int block_rows = blockDim.y * kRowsPerThread;
-  const index_t first_row = static_cast<index_t>(blockIdx.x) * block_rows;
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  if (tid < block_rows && first_row + tid < rows) {
-    index_t n, c, i;
-    decode_row<index_t>(first_row + tid, in_h, channels, channels_last, &n, &c, &i);
+  const auto tile = row_tile<kRowsPerThread>(rows, in_h, channels, channels_last);
+  if (tile.fills_table) {
     int64_t lo, hi;
-    deconv_tap_range(i, geo.stride_h, geo.k_h, geo.crop_h, out_h, &lo, &hi);
-    row_g[tid] = n * gs.n + c * gs.c;
-    row_w[tid] = static_cast<int>(c) * geo.k_h * geo.k_w;
-    row_y0[tid] = static_cast<int>(i * geo.stride_h - geo.crop_h);  // G row of tap 0 (may be < 0)
-    row_lo[tid] = static_cast<int>(lo);
-    row_hi[tid] = static_cast<int>(hi);  // may be <= lo: no tap inside the crop
+    deconv_tap_range(tile.h, geo.stride_h, geo.k_h, geo.crop_h, out_h, &lo, &hi);
+    row_g[tile.tid] = tile.n * gs.n + tile.c * gs.c;
+    row_w[tile.tid] = static_cast<int>(tile.c) * geo.k_h * geo.k_w;
+    // The G row of tap 0 (may be < 0).
+    row_y0[tile.tid] = static_cast<int>(tile.h * geo.stride_h - geo.crop_h);
+    row_lo[tile.tid] = static_cast<int>(lo);
+    row_hi[tile.tid] = static_cast<int>(hi);  // may be <= lo: no tap inside the crop
   }
   __syncthreads();
 
-  const index_t col = static_cast<index_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (col >= cols) return;
-  index_t j = col, c = 0;
-  if (channels_last) {
-    j = col / channels;
-    c = col - j * channels;
-  }
+  index_t col, j, c;
+  if (!thread_column(cols, channels, channels_last, &col, &j, &c)) return;
   int64_t q_lo64, q_hi64;
   deconv_tap_range(j, geo.stride_w, geo.k_w, geo.crop_w, out_w, &q_lo64, &q_hi64);
   const int q_lo = static_cast<int>(q_lo64), q_hi = static_cast<int>(q_hi64);
@@ -241,8 +173,7 @@ __global__ void __launch_bounds__(kThreads) backward_input_kernel(
   const scalar_t* w_col = weight + static_cast<int>(c) * geo.k_h * geo.k_w;
 #pragma unroll 1
   for (int k = 0; k < kRowsPerThread; ++k) {
-    const int local = k * blockDim.y + threadIdx.y;
-    const index_t r = first_row + local;
+    const auto [local, r] = tile_row(tile, k);
     if (r >= rows) break;
     const scalar_t* g_row = g_col + row_g[local];
     const scalar_t* w_row = w_col + row_w[local];
@@ -362,43 +293,28 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& weight,
   check_int_geometry(op, x, weight, stride);
   const Geometry geo = geometry_of(weight, stride, crop);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t batch = x.size(0), channels = x.size(1);
-  const int64_t out_h = output_size[0], out_w = output_size[1];
-  const auto format = output_memory_format(x);
-  auto out = at::empty({batch, channels, out_h, out_w}, x.options().memory_format(format));
-  if (out.numel() == 0) return out;
-  const bool channels_last = format == at::MemoryFormat::ChannelsLast;
-  const int64_t rows = channels_last ? batch * out_h : batch * channels * out_h;
-  const int64_t cols = channels_last ? out_w * channels : out_w;
-  const auto launch = launch_for(op, rows, cols);
-  const bool wide = needs_64bit(x) || needs_64bit(out) || (skip && needs_64bit(*skip));
+  const int64_t channels = x.size(1), out_h = output_size[0];
+  const ForwardResult res = forward_result(op, "tensor", x, skip, output_size, kRowsPerThread);
+  if (res.tensor.numel() == 0) return res.tensor;
   // FCN's k = 2 * s (and any k <= 2 * s): at most 2 inputs per axis reach an output.
   const bool two_taps = geo.k_h <= 2 * geo.stride_h && geo.k_w <= 2 * geo.stride_w;
   const auto stream = at::cuda::getCurrentCUDAStream();
   FASTSEG_DISPATCH_FLOATS(x.scalar_type(), "deconv_add_forward_cuda", [&] {
-    const scalar_t* skip_origin =
-        skip ? skip->const_data_ptr<scalar_t>() + skip_offset[0] * skip->stride(2) +
-                   skip_offset[1] * skip->stride(3)
-             : nullptr;
+    const scalar_t* skip_origin = skip_window<scalar_t>(skip, skip_offset);
     auto run = [&](auto index_zero, auto taps) {
       using index_t = decltype(index_zero);
-      const auto ss = skip ? strides_of<index_t>(*skip) : Strides<index_t>{0, 0, 0, 0};
       forward_kernel<scalar_t, index_t, decltype(taps)::value>
-          <<<launch.grid, launch.block, 0, stream>>>(
+          <<<res.launch.grid, res.launch.block, 0, stream>>>(
               x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), skip_origin,
-              out.mutable_data_ptr<scalar_t>(), strides_of<index_t>(x), ss, channels, x.size(2),
-              x.size(3), out_h, rows, cols, channels_last, geo);
+              res.tensor.mutable_data_ptr<scalar_t>(), strides_of<index_t>(x),
+              strides_of<index_t>(skip),
+              channels, x.size(2), x.size(3), out_h, res.rows, res.cols, res.channels_last, geo);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    using Two = std::integral_constant<int, 2>;
-    using Any = std::integral_constant<int, 0>;
-    if (wide) {
-      if (two_taps) run(int64_t{0}, Two{}); else run(int64_t{0}, Any{});
-    } else {
-      if (two_taps) run(int32_t{0}, Two{}); else run(int32_t{0}, Any{});
-    }
+    dispatch_index_variant<std::integral_constant<int, 2>, std::integral_constant<int, 0>>(
+        res.wide, two_taps, run);
   });
-  return out;
+  return res.tensor;
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_output,
@@ -419,16 +335,12 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_output,
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t batch = x.size(0), channels = x.size(1), in_h = x.size(2), in_w = x.size(3);
   const int64_t out_h = out_size[0], out_w = out_size[1];
-  const auto format = output_memory_format(x);
-  auto grad_x = at::empty(x.sizes(), x.options().memory_format(format));
+  DenseResult res = dense_result(op, "tensor", x, in_h, in_w, kRowsPerThread);
+  at::Tensor& grad_x = res.tensor;
   if (channels == 0) return {grad_x, at::empty_like(weight, at::MemoryFormat::Contiguous)};
   if (batch == 0) return {grad_x, at::zeros_like(weight, at::MemoryFormat::Contiguous)};
   auto grad_weight = at::empty_like(weight, at::MemoryFormat::Contiguous);
 
-  const bool channels_last = format == at::MemoryFormat::ChannelsLast;
-  const int64_t rows = channels_last ? batch * in_h : batch * channels * in_h;
-  const int64_t cols = channels_last ? in_w * channels : in_w;
-  const auto launch = launch_for(op, rows, cols);
   const bool wide = needs_64bit(x) || needs_64bit(grad_output) || needs_64bit(grad_x);
 
   // grad_weight: groups of threads per tap when the kernel has fewer than kThreads taps.
@@ -450,10 +362,10 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_output,
     using acc_t = at::opmath_type<scalar_t>;
     auto run = [&](auto index_zero) {
       using index_t = decltype(index_zero);
-      backward_input_kernel<scalar_t, index_t><<<launch.grid, launch.block, 0, stream>>>(
+      backward_input_kernel<scalar_t, index_t><<<res.launch.grid, res.launch.block, 0, stream>>>(
           grad_output.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
           grad_x.mutable_data_ptr<scalar_t>(), strides_of<index_t>(grad_output), channels, in_h,
-          out_h, out_w, rows, cols, channels_last, geo);
+          out_h, out_w, res.rows, res.cols, res.channels_last, geo);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       backward_weight_kernel<scalar_t, index_t>
           <<<static_cast<unsigned>(weight_blocks), kThreads, 0, stream>>>(

@@ -18,9 +18,10 @@
 // kMaxTaps its weights stay in registers across rows; otherwise they are recomputed inline
 // (same values, same order, so the result does not depend on the path).
 //
-// All index and weight arithmetic is fastseg/upsample_add.h, shared with the CPU kernel.
+// All index and weight arithmetic is fastseg/upsample_add.h, shared with the CPU kernel; the
+// (rows, cols) view, launch shape and index-type helpers are fastseg/cuda_decoder.cuh, shared
+// with deconv_add.cu.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -32,59 +33,28 @@
 #include <limits>
 #include <type_traits>
 
+#include "fastseg/cuda_decoder.cuh"
 #include "fastseg/upsample_add.h"
 #include "fastseg/upsample_add_checks.h"
 
 namespace fastseg::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kMinColumns = 32;  // blockDim.x >= one warp: a warp never straddles two rows
-constexpr int kMaxBlockRows = kThreads / kMinColumns;
 constexpr int kForwardRows = 4;   // rows per thread: 4 rows x 5 loads in flight
 constexpr int kBackwardRows = 8;  // more rows amortize the column's tap-range search
 
-template <typename index_t>
-struct Strides {
-  index_t n, c, h, w;
-};
-
-template <typename index_t>
-Strides<index_t> strides_of(const at::Tensor& t) {
-  return {static_cast<index_t>(t.stride(0)), static_cast<index_t>(t.stride(1)),
-          static_cast<index_t>(t.stride(2)), static_cast<index_t>(t.stride(3))};
+// The weight of input `in_index` in output `out_index`'s taps along one axis (0 if none).
+template <typename acc_t, typename index_t>
+__device__ inline acc_t tap_weight(acc_t scale, index_t out_index, index_t in_size,
+                                   index_t out_size, bool align_corners, index_t in_index) {
+  return linear_tap_weight(
+      linear_taps<acc_t>(scale, out_index, in_size, out_size, align_corners), in_index);
 }
 
-// Whether some offset into t may not fit in int32 (negative strides do not exist in torch).
-bool needs_64bit(const at::Tensor& t) {
-  int64_t span = 1;
-  for (int d = 0; d < t.dim(); ++d) span += (t.size(d) - 1) * t.stride(d);
-  return span > std::numeric_limits<int32_t>::max() ||
-         t.numel() > std::numeric_limits<int32_t>::max();
-}
-
-// float32 / float16 / bfloat16 (float64 is served on the CPU, as for the other ops).
-#define FASTSEG_DISPATCH_FLOATS(TYPE, NAME, ...)                      \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                      \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)        \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)         \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-struct Launch {
-  dim3 grid, block;
-};
-
-// blockDim.x columns (the smallest warp multiple covering cols, at most kThreads) times
-// blockDim.y thread rows; a block covers blockDim.y * rows_per_thread rows.
-Launch launch_for(const char* op, int64_t rows, int64_t cols, int rows_per_thread) {
-  const int tx = cols <= 32 ? 32 : cols <= 64 ? 64 : cols <= 128 ? 128 : kThreads;
-  const int ty = kThreads / tx;
-  const int64_t block_rows = int64_t{ty} * rows_per_thread;
-  const int64_t gx = (rows + block_rows - 1) / block_rows;
-  const int64_t gy = (cols + tx - 1) / tx;
-  TORCH_CHECK_VALUE(gx <= std::numeric_limits<int32_t>::max() && gy <= 65535, op,
-                    ": output too large for one launch (", rows, " rows x ", cols, " columns)");
-  return {dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), dim3(tx, ty)};
+// wa * row[a] + wb * row[b] in the accumulation type: one row's share of a bilinear tap.
+template <typename acc_t, typename scalar_t, typename index_t>
+__device__ inline acc_t lerp2(acc_t wa, acc_t wb, const scalar_t* row, index_t a, index_t b) {
+  return wa * static_cast<acc_t>(row[a]) + wb * static_cast<acc_t>(row[b]);
 }
 
 template <typename scalar_t, typename index_t>
@@ -100,51 +70,30 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
   __shared__ index_t row_x0[kTableRows], row_x1[kTableRows], row_skip[kTableRows];
   __shared__ acc_t row_w0[kTableRows], row_w1[kTableRows];
 
-  const int block_rows = blockDim.y * kForwardRows;
-  const index_t first_row = static_cast<index_t>(blockIdx.x) * block_rows;
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  if (tid < block_rows && first_row + tid < rows) {
-    const index_t r = first_row + tid;
-    index_t n, c = 0, y;
-    if (channels_last) {
-      n = r / out_h;
-      y = r - n * out_h;
-    } else {
-      const index_t plane = r / out_h;
-      y = r - plane * out_h;
-      n = plane / channels;
-      c = plane - n * channels;
-    }
-    const auto t = linear_taps<acc_t>(scale_h, y, in_h, out_h, align_corners);
-    const index_t base = n * xs.n + c * xs.c;
-    row_x0[tid] = base + static_cast<index_t>(t.i0) * xs.h;
-    row_x1[tid] = base + static_cast<index_t>(t.i1) * xs.h;
-    row_w0[tid] = t.w0;
-    row_w1[tid] = t.w1;
-    row_skip[tid] = n * ss.n + c * ss.c + y * ss.h;
+  const auto tile = row_tile<kForwardRows>(rows, out_h, channels, channels_last);
+  if (tile.fills_table) {
+    const auto t = linear_taps<acc_t>(scale_h, tile.h, in_h, out_h, align_corners);
+    const index_t base = tile.n * xs.n + tile.c * xs.c;
+    row_x0[tile.tid] = base + static_cast<index_t>(t.i0) * xs.h;
+    row_x1[tile.tid] = base + static_cast<index_t>(t.i1) * xs.h;
+    row_w0[tile.tid] = t.w0;
+    row_w1[tile.tid] = t.w1;
+    row_skip[tile.tid] = tile.n * ss.n + tile.c * ss.c + tile.h * ss.h;
   }
   __syncthreads();
 
-  const index_t col = static_cast<index_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (col >= cols) return;
-  index_t ox = col, c = 0;
-  if (channels_last) {
-    ox = col / channels;
-    c = col - ox * channels;
-  }
+  index_t col, ox, c;
+  if (!thread_column(cols, channels, channels_last, &col, &ox, &c)) return;
   const auto t = linear_taps<acc_t>(scale_w, ox, in_w, out_w, align_corners);
   const index_t col_x0 = c * xs.c + static_cast<index_t>(t.i0) * xs.w;
   const index_t col_x1 = c * xs.c + static_cast<index_t>(t.i1) * xs.w;
   const index_t col_skip = c * ss.c + ox * ss.w;
 #pragma unroll
   for (int k = 0; k < kForwardRows; ++k) {
-    const int local = k * blockDim.y + threadIdx.y;
-    const index_t r = first_row + local;
+    const auto [local, r] = tile_row(tile, k);
     if (r >= rows) break;  // rows only grow with k
-    const scalar_t* x0 = x + row_x0[local];
-    const scalar_t* x1 = x + row_x1[local];
-    const acc_t top = t.w0 * static_cast<acc_t>(x0[col_x0]) + t.w1 * static_cast<acc_t>(x0[col_x1]);
-    const acc_t bottom = t.w0 * static_cast<acc_t>(x1[col_x0]) + t.w1 * static_cast<acc_t>(x1[col_x1]);
+    const acc_t top = lerp2(t.w0, t.w1, x + row_x0[local], col_x0, col_x1);
+    const acc_t bottom = lerp2(t.w0, t.w1, x + row_x1[local], col_x0, col_x1);
     acc_t value = row_w0[local] * top + row_w1[local] * bottom;
     if (skip != nullptr) value += static_cast<acc_t>(skip[row_skip[local] + col_skip]);
     out[r * cols + col] = static_cast<scalar_t>(value);
@@ -163,37 +112,19 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(
   constexpr int kTableRows = kMaxBlockRows * kBackwardRows;
   __shared__ index_t row_g[kTableRows], row_i[kTableRows], row_lo[kTableRows], row_hi[kTableRows];
 
-  const int block_rows = blockDim.y * kBackwardRows;
-  const index_t first_row = static_cast<index_t>(blockIdx.x) * block_rows;
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  if (tid < block_rows && first_row + tid < rows) {
-    const index_t r = first_row + tid;
-    index_t n, c = 0, i;
-    if (channels_last) {
-      n = r / in_h;
-      i = r - n * in_h;
-    } else {
-      const index_t plane = r / in_h;
-      i = r - plane * in_h;
-      n = plane / channels;
-      c = plane - n * channels;
-    }
+  const auto tile = row_tile<kBackwardRows>(rows, in_h, channels, channels_last);
+  if (tile.fills_table) {
     int64_t lo, hi;
-    linear_tap_range<acc_t>(scale_h, i, in_h, out_h, align_corners, &lo, &hi);
-    row_g[tid] = n * gs.n + c * gs.c;
-    row_i[tid] = i;
-    row_lo[tid] = static_cast<index_t>(lo);
-    row_hi[tid] = static_cast<index_t>(hi);
+    linear_tap_range<acc_t>(scale_h, tile.h, in_h, out_h, align_corners, &lo, &hi);
+    row_g[tile.tid] = tile.n * gs.n + tile.c * gs.c;
+    row_i[tile.tid] = tile.h;
+    row_lo[tile.tid] = static_cast<index_t>(lo);
+    row_hi[tile.tid] = static_cast<index_t>(hi);
   }
   __syncthreads();
 
-  const index_t col = static_cast<index_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (col >= cols) return;
-  index_t j = col, c = 0;
-  if (channels_last) {
-    j = col / channels;
-    c = col - j * channels;
-  }
+  index_t col, j, c;
+  if (!thread_column(cols, channels, channels_last, &col, &j, &c)) return;
   int64_t x_lo, x_hi;
   linear_tap_range<acc_t>(scale_w, j, in_w, out_w, align_corners, &x_lo, &x_hi);
   const index_t first_x = static_cast<index_t>(x_lo);
@@ -202,23 +133,21 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(
   acc_t wx[kMaxTaps];
 #pragma unroll
   for (int k = 0; k < kMaxTaps; ++k) {
-    wx[k] = in_registers && k < count_x ? linear_tap_weight(linear_taps<acc_t>(scale_w, first_x + k, in_w, out_w,
-                                                                align_corners), j)
-                        : acc_t(0);
+    wx[k] = in_registers && k < count_x
+                ? tap_weight<acc_t, index_t>(scale_w, first_x + k, in_w, out_w, align_corners, j)
+                : acc_t(0);
   }
   const index_t col_g = c * gs.c;
 
 #pragma unroll 1  // rolled: the x weights already hold the registers
   for (int k = 0; k < kBackwardRows; ++k) {
-    const int local = k * blockDim.y + threadIdx.y;
-    const index_t r = first_row + local;
+    const auto [local, r] = tile_row(tile, k);
     if (r >= rows) break;
     const index_t i = row_i[local];
     const scalar_t* g_plane = grad + row_g[local] + col_g;
     acc_t sum = 0;
     for (index_t y = row_lo[local]; y < row_hi[local]; ++y) {
-      const acc_t wy =
-          linear_tap_weight(linear_taps<acc_t>(scale_h, y, in_h, out_h, align_corners), i);
+      const acc_t wy = tap_weight<acc_t, index_t>(scale_h, y, in_h, out_h, align_corners, i);
       const scalar_t* g = g_plane + y * gs.h;
       acc_t row_sum = 0;
       if (in_registers) {
@@ -231,8 +160,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(
         }
       } else {
         for (index_t ox = first_x; ox < first_x + count_x; ++ox) {
-          const acc_t w = linear_tap_weight(
-              linear_taps<acc_t>(scale_w, ox, in_w, out_w, align_corners), j);
+          const acc_t w = tap_weight<acc_t, index_t>(scale_w, ox, in_w, out_w, align_corners, j);
           row_sum += w * static_cast<acc_t>(g[ox * gs.w]);
         }
       }
@@ -258,37 +186,25 @@ at::Tensor forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& sk
   check_decoder_inputs(op, x, skip, skip_offset, output_size);
   TORCH_CHECK_VALUE(scales.size() == 2, op, ": scales must be two values, got ", scales);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t batch = x.size(0), channels = x.size(1);
-  const int64_t out_h = output_size[0], out_w = output_size[1];
-  const auto format = output_memory_format(x);
-  auto out = at::empty({batch, channels, out_h, out_w}, x.options().memory_format(format));
-  if (out.numel() == 0) return out;
-  const bool channels_last = format == at::MemoryFormat::ChannelsLast;
-  const int64_t rows = channels_last ? batch * out_h : batch * channels * out_h;
-  const int64_t cols = channels_last ? out_w * channels : out_w;
-  const auto launch = launch_for(op, rows, cols, kForwardRows);
-  const bool wide = needs_64bit(x) || needs_64bit(out) || (skip && needs_64bit(*skip));
+  const int64_t channels = x.size(1), out_h = output_size[0], out_w = output_size[1];
+  const ForwardResult res = forward_result(op, "output", x, skip, output_size, kForwardRows);
+  if (res.tensor.numel() == 0) return res.tensor;
   const auto stream = at::cuda::getCurrentCUDAStream();
   FASTSEG_DISPATCH_FLOATS(x.scalar_type(), "upsample_add_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // The window's origin: skip[:, :, oy, ox] (the checks guarantee the window exists).
-    const scalar_t* skip_origin =
-        skip ? skip->const_data_ptr<scalar_t>() + skip_offset[0] * skip->stride(2) +
-                   skip_offset[1] * skip->stride(3)
-             : nullptr;
+    const scalar_t* skip_origin = skip_window<scalar_t>(skip, skip_offset);
     auto run = [&](auto index_zero) {
       using index_t = decltype(index_zero);
-      const auto ss = skip ? strides_of<index_t>(*skip) : Strides<index_t>{0, 0, 0, 0};
-      forward_kernel<scalar_t, index_t><<<launch.grid, launch.block, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), skip_origin, out.mutable_data_ptr<scalar_t>(),
-          strides_of<index_t>(x), ss, channels, x.size(2), x.size(3), out_h, out_w, rows, cols,
-          channels_last, static_cast<acc_t>(scales[0]), static_cast<acc_t>(scales[1]),
-          align_corners);
+      forward_kernel<scalar_t, index_t><<<res.launch.grid, res.launch.block, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), skip_origin, res.tensor.mutable_data_ptr<scalar_t>(),
+          strides_of<index_t>(x), strides_of<index_t>(skip), channels, x.size(2), x.size(3),
+          out_h, out_w, res.rows, res.cols, res.channels_last, static_cast<acc_t>(scales[0]),
+          static_cast<acc_t>(scales[1]), align_corners);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (wide) run(int64_t{0}); else run(int32_t{0});
+    if (res.wide) run(int64_t{0}); else run(int32_t{0});
   });
-  return out;
+  return res.tensor;
 }
 
 at::Tensor backward_cuda(const at::Tensor& grad_output, at::IntArrayRef input_size,
@@ -302,16 +218,12 @@ at::Tensor backward_cuda(const at::Tensor& grad_output, at::IntArrayRef input_si
   check_pair(op, "input_size", input_size, 1);
   TORCH_CHECK_VALUE(scales.size() == 2, op, ": scales must be two values, got ", scales);
   const c10::cuda::CUDAGuard guard(grad_output.device());
-  const int64_t batch = grad_output.size(0), channels = grad_output.size(1);
+  const int64_t channels = grad_output.size(1);
   const int64_t out_h = grad_output.size(2), out_w = grad_output.size(3);
   const int64_t in_h = input_size[0], in_w = input_size[1];
-  const auto format = output_memory_format(grad_output);
-  auto grad_x = at::empty({batch, channels, in_h, in_w}, grad_output.options().memory_format(format));
+  DenseResult res = dense_result(op, "output", grad_output, in_h, in_w, kBackwardRows);
+  at::Tensor& grad_x = res.tensor;
   if (grad_x.numel() == 0) return grad_x;
-  const bool channels_last = format == at::MemoryFormat::ChannelsLast;
-  const int64_t rows = channels_last ? batch * in_h : batch * channels * in_h;
-  const int64_t cols = channels_last ? in_w * channels : in_w;
-  const auto launch = launch_for(op, rows, cols, kBackwardRows);
   const bool wide = needs_64bit(grad_output) || needs_64bit(grad_x);
   const bool few_taps = tap_count_bound(scales[1], in_w, out_w) <= 4;
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -320,21 +232,16 @@ at::Tensor backward_cuda(const at::Tensor& grad_output, at::IntArrayRef input_si
     auto run = [&](auto index_zero, auto max_taps) {
       using index_t = decltype(index_zero);
       backward_kernel<scalar_t, index_t, decltype(max_taps)::value>
-          <<<launch.grid, launch.block, 0, stream>>>(
+          <<<res.launch.grid, res.launch.block, 0, stream>>>(
               grad_output.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
-              strides_of<index_t>(grad_output), channels, in_h, in_w, out_h, out_w, rows, cols,
-              channels_last, static_cast<acc_t>(scales[0]), static_cast<acc_t>(scales[1]),
-              align_corners);
+              strides_of<index_t>(grad_output), channels, in_h, in_w, out_h, out_w, res.rows,
+              res.cols, res.channels_last, static_cast<acc_t>(scales[0]),
+              static_cast<acc_t>(scales[1]), align_corners);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     // 4 taps: upsampling by <= 2 (FCN's skips); 16: by <= 8. Larger factors recompute inline.
-    using Four = std::integral_constant<int, 4>;
-    using Sixteen = std::integral_constant<int, 16>;
-    if (wide) {
-      if (few_taps) run(int64_t{0}, Four{}); else run(int64_t{0}, Sixteen{});
-    } else {
-      if (few_taps) run(int32_t{0}, Four{}); else run(int32_t{0}, Sixteen{});
-    }
+    dispatch_index_variant<std::integral_constant<int, 4>, std::integral_constant<int, 16>>(
+        wide, few_taps, run);
   });
   return grad_x;
 }

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 # op name -> module defining SUITE (a fastseg.bench.harness.Suite). Run in this order.
 SUITES: dict[str, str] = {
     "cross_entropy": "fastseg.bench.cross_entropy",
+    "upsample_add": "fastseg.bench.upsample_add",
 }
 
 

@@ -25,6 +25,7 @@ from fastseg.bench.harness import (
     Suite,
     compile_provider,
     discover_backends,
+    fused_backend_names,
     eager_provider,
     element_size,
 )
@@ -58,7 +59,6 @@ CPU_PROBLEMS = [
 CPU_DTYPES = (torch.float32,)
 CPU_QUICK = ("cpu-target", "ade20k-s")
 
-FASTSEG_BACKENDS = ("cuda", "triton", "cpu")  # when fastseg.BACKENDS is not there
 
 
 def eager_cross_entropy(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -81,15 +81,7 @@ def _fastseg_fn():
     return getattr(ops, "softmax_cross_entropy", None)
 
 
-def _backend_names() -> list[str]:
-    try:
-        import fastseg
-
-        names = list(getattr(fastseg, "BACKENDS", FASTSEG_BACKENDS))
-    except Exception:  # noqa: BLE001
-        names = list(FASTSEG_BACKENDS)
-    # "reference" is the `reference` provider; "auto" is one of the others.
-    return [n for n in names if n not in ("reference", "auto")]
+_backend_names = fused_backend_names
 
 
 class CrossEntropySuite(Suite):

@@ -201,6 +201,20 @@ def compile_provider(fn: Callable, name: str = "compile", note: str = "",
                     note=note or f"torch.compile({options or 'default options'})")
 
 
+FUSED_BACKENDS = ("cuda", "triton", "cpu")  # when fastseg.BACKENDS is not there
+
+
+def fused_backend_names() -> list[str]:
+    """fastseg's fused backends ("reference" is its own provider; "auto" is one of these)."""
+    try:
+        import fastseg
+
+        names = list(getattr(fastseg, "BACKENDS", FUSED_BACKENDS))
+    except Exception:  # noqa: BLE001
+        names = list(FUSED_BACKENDS)
+    return [n for n in names if n not in ("reference", "auto")]
+
+
 def discover_backends(
     probe: Callable[[str], Any],
     backends: Sequence[str],

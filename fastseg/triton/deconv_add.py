@@ -37,6 +37,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from fastseg.triton import _common
 from fastseg.triton import upsample_add as _up
 from fastseg.triton.upsample_add import (  # noqa: F401 - re-exported
     INTERPRET, KernelConfig, SHIPPED_CONFIGS, resource_usage, select_config,
@@ -57,6 +58,7 @@ def not_supported_reasons(x: torch.Tensor, weight: Optional[torch.Tensor] = None
 
 if triton is not None:
     _tile = _up._tile
+    _add_skip_and_store = _up._add_skip_and_store
 
     # Forward: out[n, c, oy, ox] = sum over the input taps (iy, ix) of the D-index
     # (Y, X) = (oy + cy, ox + cx) of x[n, c, iy, ix] * w[c, Y - iy * sh, X - ix * sw], + skip.
@@ -104,12 +106,8 @@ if triton is not None:
                 w = tl.load(w_base + p * KW + q, mask=m, other=0.0)
                 v = tl.load(x_base + iy * sx_h + ix * sx_w, mask=m, other=0.0)
                 acc += w.to(tl.float32) * v.to(tl.float32)
-        if HAS_SKIP:
-            s = tl.load(skip_ptr + n * ss_n + cv * ss_c + (hv + skip_y) * ss_h
-                        + (wv + skip_x) * ss_w, mask=mask, other=0.0)
-            acc += s.to(tl.float32)
-        tl.store(out_ptr + n * so_n + cv * so_c + hv * so_h + wv * so_w,
-                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+        _add_skip_and_store(acc, skip_ptr, out_ptr, n, hv, wv, cv, mask, ss_n, ss_c, ss_h, ss_w,
+                            so_n, so_c, so_h, so_w, skip_y, skip_x, HAS_SKIP)
 
     # Backward, over a tile of x: for every kernel tap (p, q), g = grad_output at the tap's
     # output (iy * sh + p - cy, ix * sw + q - cx) (0 outside the output),
@@ -191,22 +189,17 @@ if triton is not None:
         block = max(config.block_r, config.block_i)
         skip_strides = skip.stride() if skip is not None else (0, 0, 0, 0)
         sh, sw = int(stride[0]), int(stride[1])
-        with _up._device_guard(x):
-            torch.library.wrap_triton(deconv_add_forward_kernel)[(programs,)](
-                x, weight, skip if skip is not None else out, out,
-                C, H, W, Ho, Wo, KH, KW,
-                *x.stride(), *skip_strides, *out.stride(),
-                sh, sw, int(crop[0]), int(crop[1]),
-                int(skip_offset[0]), int(skip_offset[1]),
-                -(-KH // sh), -(-KW // sw),
-                HAS_SKIP=skip is not None,
-                CHANNELS_LAST=config.channels_last,
-                INT64_INDEX=_up.needs_int64(x, skip, out, weight, margin=block + KH + KW),
-                BLOCK_R=config.block_r,
-                BLOCK_I=config.block_i,
-                num_warps=config.num_warps,
-                num_stages=config.num_stages,
-            )
+        _common.launch_tiled(
+            deconv_add_forward_kernel, config, programs, x,
+            x, weight, skip if skip is not None else out, out,
+            C, H, W, Ho, Wo, KH, KW,
+            *x.stride(), *skip_strides, *out.stride(),
+            sh, sw, int(crop[0]), int(crop[1]),
+            int(skip_offset[0]), int(skip_offset[1]),
+            -(-KH // sh), -(-KW // sw),
+            int64_index=_up.needs_int64(x, skip, out, weight, margin=block + KH + KW),
+            HAS_SKIP=skip is not None,
+        )
         return out
 
     def _backward_impl(
@@ -231,20 +224,15 @@ if triton is not None:
         programs, spatial = _up.num_tiles(config, grad_x.shape)
         partial = torch.empty((spatial, C * KH * KW), dtype=torch.float32, device=x.device)
         block = max(config.block_r, config.block_i)
-        with _up._device_guard(x):
-            torch.library.wrap_triton(deconv_add_backward_kernel)[(programs,)](
-                grad_output, x, weight, grad_x, partial,
-                C, H, W, Ho, Wo, KH, KW,
-                *grad_output.stride(), *x.stride(), *grad_x.stride(),
-                int(stride[0]), int(stride[1]), int(crop[0]), int(crop[1]),
-                CHANNELS_LAST=config.channels_last,
-                INT64_INDEX=_up.needs_int64(grad_output, x, grad_x, partial,
-                                            margin=block + KH + KW),
-                BLOCK_R=config.block_r,
-                BLOCK_I=config.block_i,
-                num_warps=config.num_warps,
-                num_stages=config.num_stages,
-            )
+        _common.launch_tiled(
+            deconv_add_backward_kernel, config, programs, x,
+            grad_output, x, weight, grad_x, partial,
+            C, H, W, Ho, Wo, KH, KW,
+            *grad_output.stride(), *x.stride(), *grad_x.stride(),
+            int(stride[0]), int(stride[1]), int(crop[0]), int(crop[1]),
+            int64_index=_up.needs_int64(grad_output, x, grad_x, partial,
+                                        margin=block + KH + KW),
+        )
         # A fixed-shape reduction in a fixed order: the same bits on every run.
         grad_weight = partial.sum(dim=0).view(C, 1, KH, KW).to(weight.dtype)
         return grad_x, grad_weight
@@ -253,16 +241,8 @@ if triton is not None:
         # The contract hands a contiguous (C, 1, kh, kw) weight; a tiny copy otherwise.
         return weight if weight.is_contiguous() else weight.contiguous()
 
-    if not INTERPRET:
-        forward = torch.library.triton_op(FORWARD_OP_NAME, _forward_impl, mutates_args=())
-        backward = torch.library.triton_op(BACKWARD_OP_NAME, _backward_impl, mutates_args=())
-    else:
-        # See fastseg.triton.upsample_add: opaque custom ops under the interpreter.
-        forward = torch.library.custom_op(FORWARD_OP_NAME, _forward_impl, mutates_args=())
-        backward = torch.library.custom_op(BACKWARD_OP_NAME, _backward_impl, mutates_args=())
-    forward.register_fake(_ops.fake_forward)
-    backward.register_fake(_ops.fake_backward)
-    _ops.register_autograd(FORWARD_OP_NAME, backward)
+    forward, backward = _common.define_ops(FORWARD_OP_NAME, _forward_impl, BACKWARD_OP_NAME,
+                                           _backward_impl, _ops, INTERPRET)
 
 else:
     forward = None
@@ -293,11 +273,8 @@ def compile_ahead_of_time(kernel_name: str, config: KernelConfig, dtype: torch.d
                         partial_ptr="*fp32")
         default_ones = _up.unit_strides(config, ("sg", "sx", "sd"))
     else:
-        raise ValueError(f"kernel_name must be 'forward' or 'backward', got {kernel_name!r}")
-    for name, value in (overrides or {}).items():
-        if name not in constexprs:
-            raise ValueError(f"{name!r} is not a constexpr of the {kernel_name} kernel")
-        constexprs[name] = value
+        raise _common.unknown_kernel(kernel_name)
+    _common.apply_overrides(constexprs, overrides, kernel_name)
     ones = default_ones if ones is None else ones
     return _up.aot_compile(kernel, config, capability, pointers, {}, constexprs, ones=ones,
                            divisible=_up.aligned_arguments(kernel, ones))

@@ -43,6 +43,8 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
+from fastseg.triton import _common
+
 try:  # pragma: no cover - exercised by the environments that lack triton
     import triton
     import triton.language as tl
@@ -704,11 +706,8 @@ def _aot_arguments(kernel_name: str, config: KernelConfig, dtype: torch.dtype,
         # A sliced ("strided") input gets a dense grad_input from empty_like.
         constexprs["GRAD_SAME_STRIDES"] = config.layout != "strided"
     else:
-        raise ValueError(f"kernel_name must be 'forward' or 'backward', got {kernel_name!r}")
-    for name, value in (overrides or {}).items():
-        if name not in constexprs:
-            raise ValueError(f"{name!r} is not a constexpr of the {kernel_name} kernel")
-        constexprs[name] = value
+        raise _common.unknown_kernel(kernel_name)
+    _common.apply_overrides(constexprs, overrides, kernel_name)
     # What the JIT sees for typical segmentation shapes: 16-byte aligned allocations, and
     # for NCHW an image size S (= the class stride) that is a multiple of 16.
     divisible = list(pointers)

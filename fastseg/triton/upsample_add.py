@@ -49,6 +49,8 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 
 from fastseg.ops import _checks
+from fastseg.triton import _common
+from fastseg.triton._common import device_guard as _device_guard  # noqa: F401 - shared
 
 try:  # pragma: no cover - exercised by the environments that lack triton
     import triton
@@ -255,6 +257,22 @@ if triton is not None:
         return n, hv, wv, cv, mask, spatial
 
     @triton.jit
+    def _add_skip_and_store(
+        acc, skip_ptr, out_ptr, n, hv, wv, cv, mask,
+        ss_n, ss_c, ss_h, ss_w,
+        so_n, so_c, so_h, so_w,
+        skip_y, skip_x,
+        HAS_SKIP: tl.constexpr,
+    ):
+        """The forwards' epilogue: out[tile] = acc (float32) + skip[n, c, y + sy, x + sx]."""
+        if HAS_SKIP:
+            s = tl.load(skip_ptr + n * ss_n + cv * ss_c + (hv + skip_y) * ss_h
+                        + (wv + skip_x) * ss_w, mask=mask, other=0.0)
+            acc += s.to(tl.float32)
+        tl.store(out_ptr + n * so_n + cv * so_c + hv * so_h + wv * so_w,
+                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _linear_taps(scale, dst, in_size, out_size, ALIGN_CORNERS: tl.constexpr):
         """(i0, i1, w0, w1) of output indices `dst` along one axis (see the module doc)."""
         d = dst.to(tl.float32)
@@ -339,12 +357,8 @@ if triton is not None:
         v10 = tl.load(r1 + c0, mask=mask, other=0.0).to(tl.float32)
         v11 = tl.load(r1 + c1, mask=mask, other=0.0).to(tl.float32)
         val = wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (wx0 * v10 + wx1 * v11)
-        if HAS_SKIP:
-            s = tl.load(skip_ptr + n * ss_n + cv * ss_c + (hv + skip_y) * ss_h
-                        + (wv + skip_x) * ss_w, mask=mask, other=0.0)
-            val += s.to(tl.float32)
-        tl.store(out_ptr + n * so_n + cv * so_c + hv * so_h + wv * so_w,
-                 val.to(out_ptr.dtype.element_ty), mask=mask)
+        _add_skip_and_store(val, skip_ptr, out_ptr, n, hv, wv, cv, mask, ss_n, ss_c, ss_h, ss_w,
+                            so_n, so_c, so_h, so_w, skip_y, skip_x, HAS_SKIP)
 
     # Backward (a gather). For input (n, c, iy, ix), with [ylo, yhi) / [xlo, xhi) the output
     # rows / columns whose taps contain iy / ix:
@@ -391,22 +405,6 @@ if triton is not None:
                  acc.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
-def _device_guard(tensor: torch.Tensor):
-    """Make `tensor`'s GPU the current one while launching (triton launches there)."""
-    if tensor.is_cuda and tensor.device.index is not None \
-            and tensor.device.index != torch.cuda.current_device():
-        return torch.cuda.device(tensor.device)
-    return _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def interpreted_fake(tensor: torch.Tensor) -> bool:
     """Whether this is a fake (metadata only) pass under TRITON_INTERPRET=1, where the
     interpreted kernel would run on fake tensors and fail."""
@@ -448,22 +446,17 @@ if triton is not None:
         programs, _ = num_tiles(config, out.shape)
         block = max(config.block_r, config.block_i)
         skip_strides = skip.stride() if skip is not None else (0, 0, 0, 0)
-        with _device_guard(x):
-            torch.library.wrap_triton(upsample_add_forward_kernel)[(programs,)](
-                x, skip if skip is not None else out, out,
-                C, Hi, Wi, Ho, Wo,
-                *x.stride(), *skip_strides, *out.stride(),
-                int(skip_offset[0]), int(skip_offset[1]),
-                float(scales[0]), float(scales[1]),
-                HAS_SKIP=skip is not None,
-                ALIGN_CORNERS=bool(align_corners),
-                CHANNELS_LAST=config.channels_last,
-                INT64_INDEX=needs_int64(x, skip, out, margin=block),
-                BLOCK_R=config.block_r,
-                BLOCK_I=config.block_i,
-                num_warps=config.num_warps,
-                num_stages=config.num_stages,
-            )
+        _common.launch_tiled(
+            upsample_add_forward_kernel, config, programs, x,
+            x, skip if skip is not None else out, out,
+            C, Hi, Wi, Ho, Wo,
+            *x.stride(), *skip_strides, *out.stride(),
+            int(skip_offset[0]), int(skip_offset[1]),
+            float(scales[0]), float(scales[1]),
+            int64_index=needs_int64(x, skip, out, margin=block),
+            HAS_SKIP=skip is not None,
+            ALIGN_CORNERS=bool(align_corners),
+        )
         return out
 
     def _backward_impl(
@@ -483,37 +476,22 @@ if triton is not None:
         config = select_config(grad_x)
         programs, _ = num_tiles(config, grad_x.shape)
         block = max(config.block_r, config.block_i)
-        with _device_guard(grad_output):
-            torch.library.wrap_triton(upsample_add_backward_kernel)[(programs,)](
-                grad_output, grad_x,
-                C, Hi, Wi, Ho, Wo,
-                *grad_output.stride(), *grad_x.stride(),
-                float(scales[0]), float(scales[1]),
-                search_steps(Ho), search_steps(Wo),
-                ALIGN_CORNERS=bool(align_corners),
-                CHANNELS_LAST=config.channels_last,
-                INT64_INDEX=needs_int64(grad_output, grad_x, margin=block),
-                BLOCK_R=config.block_r,
-                BLOCK_I=config.block_i,
-                num_warps=config.num_warps,
-                num_stages=config.num_stages,
-            )
+        _common.launch_tiled(
+            upsample_add_backward_kernel, config, programs, grad_output,
+            grad_output, grad_x,
+            C, Hi, Wi, Ho, Wo,
+            *grad_output.stride(), *grad_x.stride(),
+            float(scales[0]), float(scales[1]),
+            search_steps(Ho), search_steps(Wo),
+            int64_index=needs_int64(grad_output, grad_x, margin=block),
+            ALIGN_CORNERS=bool(align_corners),
+        )
         return grad_x
 
-    if not INTERPRET:
-        # On the GPU: triton ops, so that torch.compile traces into them and sees the kernels.
-        forward = torch.library.triton_op(FORWARD_OP_NAME, _forward_impl, mutates_args=())
-        backward = torch.library.triton_op(BACKWARD_OP_NAME, _backward_impl, mutates_args=())
-    else:
-        # Under the interpreter wrap_triton returns the bare interpreted kernel, so a traced
-        # triton_op would drop the launch: opaque custom ops instead.
-        forward = torch.library.custom_op(FORWARD_OP_NAME, _forward_impl, mutates_args=())
-        backward = torch.library.custom_op(BACKWARD_OP_NAME, _backward_impl, mutates_args=())
-    # The same metadata rules as the C++ ops (fastseg.ops.upsample_add).
-    forward.register_fake(_ops.fake_forward)
-    backward.register_fake(_ops.fake_backward)
-    # Autograd here, where the ops are defined, so that importing this module is enough.
-    _ops.register_autograd(FORWARD_OP_NAME, backward)
+    # triton ops on the GPU, opaque custom ops under the interpreter; the fakes of
+    # fastseg.ops.upsample_add and its autograd (see fastseg.triton._common.define_ops).
+    forward, backward = _common.define_ops(FORWARD_OP_NAME, _forward_impl, BACKWARD_OP_NAME,
+                                           _backward_impl, _ops, INTERPRET)
 
 else:
     forward = None
@@ -616,11 +594,8 @@ def compile_ahead_of_time(kernel_name: str, config: KernelConfig, dtype: torch.d
         pointers = dict(grad_output_ptr=x, grad_x_ptr=x)
         default_ones = unit_strides(config, ("sg", "sd"))
     else:
-        raise ValueError(f"kernel_name must be 'forward' or 'backward', got {kernel_name!r}")
-    for name, value in (overrides or {}).items():
-        if name not in constexprs:
-            raise ValueError(f"{name!r} is not a constexpr of the {kernel_name} kernel")
-        constexprs[name] = value
+        raise _common.unknown_kernel(kernel_name)
+    _common.apply_overrides(constexprs, overrides, kernel_name)
     ones = default_ones if ones is None else ones
     return aot_compile(kernel, config, capability, pointers, scalars, constexprs, ones=ones,
                        divisible=aligned_arguments(kernel, ones))
