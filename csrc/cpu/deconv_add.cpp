@@ -49,9 +49,8 @@ at::Tensor kernel_for(const at::Tensor& weight, const PlaneOrder& order) {
 
 // The phase decomposition of one row of a stride-s transposed convolution (NCHW rows, one
 // class): D-index X = m * s + r (phase r in [0, s)) receives x[m - t] * k[t * s + r] for the
-// taps t < T = ceil(k / s). So for every (phase, tap) a whole row is one contiguous axpy over
-// m - vectorized, with no gathers and no overlapping stores - and a (phase, m) table holds
-// the row phase-major. The output window starts at D-index `crop`: m in [m_lo, m_lo + M).
+// taps t < T = ceil(k / s). The output window starts at D-index `crop`, so the row needs
+// m in [m_lo, m_lo + M).
 struct PhaseRows {
   int64_t stride, taps, m_lo, count;  // s, T, m_lo, M
   PhaseRows(int64_t stride_, int64_t k, int64_t crop, int64_t out)
@@ -59,12 +58,27 @@ struct PhaseRows {
         count((crop + out - 1) / stride_ - crop / stride_ + 1) {}
 };
 
-// Forward: adds the row x (in_w values, step x_step) through kernel row kr (kw taps) to the
-// phase table phase[r * M + u] (u = m - m_lo). xbuf holds M + T - 1 values.
+// Forward: adds the row x (in_w values, step x_step) through kernel row kr (kw taps) to
+// drow[(m - m_lo) * s + r] (the D row from D-index m_lo * s). Tap block t of every input
+// lands on its own block of s values, so consecutive inputs never write overlapping
+// ranges (adding all k taps at once overlaps the next input's range, and the partial-overlap
+// store-to-load forwarding stalled that loop at ~15 cycles an input). xbuf: M + T - 1 values.
+// drow[u * S + r] += xt[u] * kt[r] for u < count, r < S (a stride known at compile time, so
+// the block is whole vectors, unrolled).
+template <int S, typename acc_t>
+inline void add_blocks(const acc_t* __restrict__ xt, const acc_t* __restrict__ kt, int64_t count,
+                       acc_t* __restrict__ drow) {
+  for (int64_t u = 0; u < count; ++u) {
+    const acc_t v = xt[u];
+    acc_t* __restrict__ d = drow + u * S;
+    for (int r = 0; r < S; ++r) d[r] += v * kt[r];
+  }
+}
+
 template <typename scalar_t, typename acc_t, typename Step>
 inline void add_row_by_phase(const scalar_t* x, Step x_step, int64_t in_w, const acc_t* __restrict__ kr,
                              int64_t kw, const PhaseRows& ph, acc_t* __restrict__ xbuf,
-                             acc_t* __restrict__ phase) {
+                             acc_t* __restrict__ drow) {
   const int64_t first = ph.m_lo - (ph.taps - 1);  // input index of xbuf[0]
   for (int64_t u = 0; u < ph.count + ph.taps - 1; ++u) {
     const int64_t j = first + u;
@@ -72,26 +86,27 @@ inline void add_row_by_phase(const scalar_t* x, Step x_step, int64_t in_w, const
   }
   for (int64_t t = 0; t < ph.taps; ++t) {
     const acc_t* __restrict__ xt = xbuf + (ph.taps - 1 - t);  // xt[u] = x[m_lo + u - t]
-    for (int64_t r = 0; r < ph.stride && t * ph.stride + r < kw; ++r) {
-      const acc_t w = kr[t * ph.stride + r];
-      acc_t* __restrict__ pr = phase + r * ph.count;
-      for (int64_t u = 0; u < ph.count; ++u) pr[u] += w * xt[u];
+    const acc_t* __restrict__ kt = kr + t * ph.stride;
+    const int64_t phases = std::min(ph.stride, kw - t * ph.stride);
+    if (phases == ph.stride) {  // FCN's k = 2s: whole blocks, with a compile-time size
+      switch (ph.stride) {
+        case 2: add_blocks<2>(xt, kt, ph.count, drow); continue;
+        case 4: add_blocks<4>(xt, kt, ph.count, drow); continue;
+        case 8: add_blocks<8>(xt, kt, ph.count, drow); continue;
+        case 16: add_blocks<16>(xt, kt, ph.count, drow); continue;
+        case 32: add_blocks<32>(xt, kt, ph.count, drow); continue;
+        default: break;
+      }
+    }
+    for (int64_t u = 0; u < ph.count; ++u) {
+      const acc_t v = xt[u];
+      acc_t* __restrict__ d = drow + u * ph.stride;
+      for (int64_t r = 0; r < phases; ++r) d[r] += v * kt[r];
     }
   }
 }
 
-// Interleaves the phase table into the output row acc[0, out) (output xo = D-index xo + crop).
-template <typename acc_t>
-inline void phases_to_row(const acc_t* __restrict__ phase, const PhaseRows& ph, int64_t crop,
-                          int64_t out, acc_t* __restrict__ acc) {
-  for (int64_t u = 0; u < ph.count; ++u) {
-    const int64_t base = (ph.m_lo + u) * ph.stride - crop;  // output index of phase 0
-    const int64_t r_lo = std::max<int64_t>(0, -base), r_hi = std::min(ph.stride, out - base);
-    for (int64_t r = r_lo; r < r_hi; ++r) acc[base + r] = phase[r * ph.count + u];
-  }
-}
-
-// Backward: the transpose of phases_to_row for one gradient row g (out values, step g_step):
+// Backward, phase-major: for one gradient row g (out values, step g_step):
 // phase[r * M + u] = g at D-index m * s + r for m in [0, M) (M = in_w + T - 1), 0 outside.
 template <typename scalar_t, typename acc_t, typename Step>
 inline void row_to_phases(const scalar_t* g, Step g_step, int64_t crop, int64_t out, int64_t stride,
@@ -130,7 +145,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
     std::vector<acc_t> sums(g.out_w * cell);
     acc_t* __restrict__ acc = sums.data();
     const PhaseRows ph(g.stride_w, g.kw, g.crop_w, g.out_w);
-    std::vector<acc_t> phase_table(cell == 1 ? ph.stride * ph.count : 0), x_row(ph.count + ph.taps);
+    std::vector<acc_t> d_row(cell == 1 ? ph.stride * ph.count : 0), x_row(ph.count + ph.taps);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t plane = row / g.out_h, y = row % g.out_h;
       const scalar_t* xp = x_data + xs.plane(plane, order.channels_last, C);
@@ -140,13 +155,14 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
       int64_t i_lo, i_hi;
       deconv_input_range(y + g.crop_h, g.stride_h, g.kh, g.in_h, &i_lo, &i_hi);
       if (cell == 1) {
-        std::fill(phase_table.begin(), phase_table.end(), acc_t(0));
+        std::fill(d_row.begin(), d_row.end(), acc_t(0));
         for (int64_t i = i_lo; i < i_hi; ++i) {
           const int64_t p = y + g.crop_h - i * g.stride_h;
           add_row_by_phase(xp + i * xs.h, x_step, g.in_w, kp + p * g.kw, g.kw, ph, x_row.data(),
-                           phase_table.data());
+                           d_row.data());
         }
-        phases_to_row(phase_table.data(), ph, g.crop_w, g.out_w, acc);
+        const acc_t* window = d_row.data() + (g.crop_w - ph.m_lo * ph.stride);
+        std::copy(window, window + g.out_w, acc);
       }
       for (int64_t i = i_lo; i < i_hi && cell > 1; ++i) {
         const int64_t p = y + g.crop_h - i * g.stride_h;
