@@ -49,4 +49,16 @@ TORCH_LIBRARY(fastseg, m) {
   m.def(
       "deconv_add_backward(Tensor grad_output, Tensor x, Tensor weight, int[2] stride, "
       "int[2] crop) -> (Tensor, Tensor)");
+  // U-Net decoder: act(conv2d(cat([center_crop(skip), x], 1), weight, bias, padding)) without
+  // materializing the crop or the concatenation. weight (Cout, Cskip + Cx, k, k), k in {1, 3},
+  // padding in {0, 1}, activation 0 none / 1 relu. Returns (N, Cout, Ho, Wo) in x's memory
+  // format.
+  m.def(
+      "crop_concat_conv2d_forward(Tensor skip, Tensor x, Tensor weight, Tensor? bias, int padding, "
+      "int activation) -> Tensor");
+  // Returns (grad_skip (zero outside the crop window), grad_x, grad_weight, grad_bias (Cout,));
+  // the ReLU mask is read from `output`.
+  m.def(
+      "crop_concat_conv2d_backward(Tensor grad_output, Tensor output, Tensor skip, Tensor x, "
+      "Tensor weight, int padding, int activation) -> (Tensor, Tensor, Tensor, Tensor)");
 }

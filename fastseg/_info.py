@@ -28,6 +28,9 @@ def _probe_inputs(op: str, device: str):
     if op == "deconv_add":
         x = torch.zeros(1, 1, 1, 1, device=device)
         return (x, torch.zeros(1, 1, 2, 2, device=device), None)
+    if op == "crop_concat_conv2d":
+        x = torch.zeros(1, 1, 3, 3, device=device)
+        return (x, x, torch.zeros(1, 2, 3, 3, device=device))
     raise KeyError(op)
 
 

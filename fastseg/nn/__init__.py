@@ -1,7 +1,8 @@
 """Drop-in torch.nn modules backed by the fused ops."""
 
 from fastseg.nn import init
+from fastseg.nn.conv import CropConcatConv2d
 from fastseg.nn.loss import SoftmaxCrossEntropyLoss
 from fastseg.nn.upsample import DeconvAdd, UpsampleAdd
 
-__all__ = ["DeconvAdd", "SoftmaxCrossEntropyLoss", "UpsampleAdd", "init"]
+__all__ = ["CropConcatConv2d", "DeconvAdd", "SoftmaxCrossEntropyLoss", "UpsampleAdd", "init"]

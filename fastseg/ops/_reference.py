@@ -96,3 +96,23 @@ def deconv_add(
         return out.clone(memory_format=torch.channels_last if cl else torch.contiguous_format)
     oy, ox = skip_offset
     return out + skip[:, :, oy:oy + ho, ox:ox + wo]
+
+
+def center_crop_offset(skip_size, size) -> tuple[int, int]:
+    """U-Net's center crop: where a window of `size` starts in a map of `skip_size` (floor)."""
+    return ((skip_size[0] - size[0]) // 2, (skip_size[1] - size[1]) // 2)
+
+
+def crop_concat_conv2d(
+    skip: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    padding: int = 0,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """act(conv2d(cat([center_crop(skip, x.shape[-2:]), x], 1), weight, bias, padding))."""
+    oy, ox = center_crop_offset(skip.shape[-2:], x.shape[-2:])
+    crop = skip[:, :, oy:oy + x.shape[2], ox:ox + x.shape[3]]
+    out = F.conv2d(torch.cat([crop, x], dim=1), weight, bias, padding=padding)
+    return F.relu(out) if activation == "relu" else out
