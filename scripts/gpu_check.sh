@@ -11,13 +11,19 @@
 #               (fallback: setup.py build_ext --inplace), then `python -m fastseg info`
 #   test-cuda   pytest -m cuda tests/: every op's tests with CUDA tensors, on each GPU backend
 #               (cuda, triton) - tests/test_softmax_cross_entropy.py, test_upsample_add.py,
-#               test_deconv_add.py, test_fcn_decoder.py (one not there yet is named in the log)
+#               test_deconv_add.py, test_fcn_decoder.py, test_crop_concat_conv2d.py (one not
+#               there yet is named in the log)
 #   triton-gpu  the tests selected by -k triton, not marked cuda (those ran in test-cuda), with
 #               TRITON_INTERPRET unset, so Triton compiles for the GPU instead of interpreting
 #   bench       one `fastseg bench --device cuda --quick` per op suite, each with its share of
-#               the step's time: cross_entropy -> $OUT/bench (results.json/.md, cross_entropy.png),
-#               upsample_add (the FCN decoder) -> $OUT/bench/upsample_add (results.json/.md; no
-#               PNG, to stay within 8 files: draw it with `fastseg bench --from-json`)
+#               the step's time: cross_entropy -> $OUT/bench (results.json/.md; its PNG goes
+#               into logs.tar.gz), upsample_add (the FCN decoder) -> $OUT/bench/upsample_add
+#               (results.json/.md; no PNG), crop_concat_conv (the U-Net decoder) ->
+#               $OUT/bench/crop_concat_conv (results.json; its results.md goes into
+#               logs.tar.gz and its targets are printed at the end; no PNG). Within 8 files:
+#               draw any of them with `fastseg bench --from-json`. The U-Net suite runs without
+#               compile-max-autotune here (minutes of autotuning per problem; see
+#               GPU_CHECK_CCC_PROVIDERS)
 #   sanitizer   under compute-sanitizer --tool memcheck (skipped if absent), each op test file
 #               in its own process with its share of the step's time, CUDA tests on small
 #               shapes only (see OP_TESTS); a file cut short by its share is PARTIAL
@@ -33,13 +39,17 @@
 #   summary.txt       one line per step: status, exit code, seconds, log
 #   gpu_check.log     every step's log one after the other (each cut to its last 3000 lines)
 #   logs.tar.gz       the full logs/<step>.log files and pytest's junit XML
-#   bench/results.json, bench/results.md, bench/cross_entropy.png          (cross-entropy)
+#   bench/results.json, bench/results.md                                  (cross-entropy)
 #   bench/upsample_add/results.json, bench/upsample_add/results.md        (FCN decoder)
+#   bench/crop_concat_conv/results.json                                   (U-Net decoder)
+# (logs.tar.gz also holds bench/cross_entropy.png and bench/crop_concat_conv/results.md.)
 # (GPU_CHECK_KEEP_LOGS=1 keeps the logs/ folder as well.)
 #
 # Knobs: PYTHON (default python3), GPU_CHECK_BUDGET_S, GPU_CHECK_STEPS (a subset, e.g.
 # "env build bench"), GPU_CHECK_BENCH_QUICK (default 1: each suite's --quick problems; 0: the
 # full GPU problems, as far as the step's time goes - for a run of "env build bench" alone),
+# GPU_CHECK_CCC_PROVIDERS (the crop_concat_conv suite's --providers; default every one but
+# compile-max-autotune; empty: the suite's defaults, compile-max-autotune included),
 # GPU_CHECK_BENCH_ARGS (extra `fastseg bench` arguments for every suite, e.g. --dtypes bf16),
 # GPU_CHECK_SANITIZER_TESTS (pytest arguments under memcheck, run in one process instead of
 # OP_TESTS, e.g. -m "cuda and not slow" tests/), FASTSEG_GIT_COMMIT (the commit
@@ -72,15 +82,19 @@ export FASTSEG_GIT_COMMIT
 export GPU_CHECK_BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-}
 export GPU_CHECK_BENCH_QUICK=${GPU_CHECK_BENCH_QUICK:-1}
 export GPU_CHECK_SANITIZER_TESTS=${GPU_CHECK_SANITIZER_TESTS:-}
+export GPU_CHECK_CCC_PROVIDERS=${GPU_CHECK_CCC_PROVIDERS-fastseg-cuda,fastseg-triton,reference,eager,compile,eager-cat-only,conv-only}
 # Each op's test file (test-cuda says which are missing) and the tests of it to run under
 # memcheck (pytest -m | -k): the CUDA tests on small shapes - every odd-shape / offset case
 # (matches_eager), empty batches, the strided x layouts; the whole layout matrix and the dtype
-# sweep ran in test-cuda. (test_fcn_decoder.py: its few end-to-end 500x500 tests.)
+# sweep ran in test-cuda. (test_fcn_decoder.py: its few end-to-end 500x500 tests.
+# test_crop_concat_conv2d.py: its fused GPU backends' tests - the reference backend's, which
+# only run PyTorch's own kernels, are left out; none yet while the GPU kernels are to come.)
 export OP_TESTS="
 tests/test_softmax_cross_entropy.py|cuda and not slow|
 tests/test_upsample_add.py|cuda and not slow|(matches_eager and ac0) or empty_batch or layouts[strided
 tests/test_deconv_add.py|cuda and not slow|matches_eager or empty_batch or non_contiguous or layouts[strided
 tests/test_fcn_decoder.py|cuda and not slow|
+tests/test_crop_concat_conv2d.py|cuda and not slow|not reference
 "
 
 BUDGET=${GPU_CHECK_BUDGET_S:-460}
@@ -200,32 +214,44 @@ bench_cmd() {
 }
 
 step_bench() {
-    # Two runs, one per op suite, so that each gets its share of the step's time (--max-time
-    # only stops new runs from starting: hold back ~40 s for the one in flight and the reports).
-    local limit=${STEP_TIMEOUT:-180} t0 left ce_max ua_max rc=0 rc_ua quick=""
+    # One run per op suite, each with its share of what is left of the step's time (--max-time
+    # only stops new runs from starting: each run holds back ~35 s for the one in flight, the
+    # startup and the reports).
+    local limit=${STEP_TIMEOUT:-180} t0 left share max rc=0 rc_one quick="" i n op out extra
+    local weights=(2 3 3) ops=(cross_entropy upsample_add crop_concat_conv)
+    local outs=("$OUT/bench" "$OUT/bench/upsample_add" "$OUT/bench/crop_concat_conv")
+    local extras=("" "--no-plot" "--no-plot")
     t0=$(date +%s)
     [ "$GPU_CHECK_BENCH_QUICK" = "1" ] && quick="--quick"
-    bench_cmd
-    ce_max=$(( (limit - 80) * 2 / 5 ))
-    [ "$ce_max" -lt 20 ] && ce_max=20
-    echo "+ ${BENCH[*]} --device cuda --ops cross_entropy $quick --out $OUT/bench --max-time $ce_max $GPU_CHECK_BENCH_ARGS"
-    # The extra arguments are meant to split into words.
-    # shellcheck disable=SC2086
-    timeout --kill-after=5 $(( ce_max + 40 )) "${BENCH[@]}" --device cuda --ops cross_entropy \
-        $quick --out "$OUT/bench" --max-time "$ce_max" $GPU_CHECK_BENCH_ARGS || rc=$?
-    case $rc in 124|137) echo "!! the cross_entropy run overran its share and was stopped"; rc=1 ;; esac
-    left=$(( limit - ($(date +%s) - t0) ))
-    ua_max=$(( left - 40 ))
-    if [ "$ua_max" -lt 15 ]; then
-        echo "!! ${left}s left of the step: the upsample_add suite does not run"
-        return 1
+    if [ "$GPU_CHECK_BENCH_QUICK" = "1" ] && [ -n "$GPU_CHECK_CCC_PROVIDERS" ]; then
+        extras[2]="--no-plot --providers $GPU_CHECK_CCC_PROVIDERS"
     fi
-    echo "+ ${BENCH[*]} --device cuda --ops upsample_add $quick --no-plot --out $OUT/bench/upsample_add --max-time $ua_max $GPU_CHECK_BENCH_ARGS"
-    # shellcheck disable=SC2086
-    "${BENCH[@]}" --device cuda --ops upsample_add $quick --no-plot --out "$OUT/bench/upsample_add" \
-        --max-time "$ua_max" $GPU_CHECK_BENCH_ARGS
-    rc_ua=$?
-    [ "$rc" -eq 0 ] && rc=$rc_ua
+    bench_cmd
+    n=${#ops[@]}
+    for i in "${!ops[@]}"; do
+        op=${ops[$i]}; out=${outs[$i]}; extra=${extras[$i]}
+        left=$(( limit - ($(date +%s) - t0) ))
+        local w_left=0 j
+        for j in "${!ops[@]}"; do [ "$j" -ge "$i" ] && w_left=$(( w_left + weights[j] )); done
+        share=$(( (left - 35 * (n - i)) * weights[i] / w_left ))
+        [ "$share" -lt 15 ] && [ "$left" -ge 50 ] && share=15
+        if [ "$share" -lt 15 ]; then
+            echo "!! ${left}s left of the step: the $op suite does not run"
+            rc=1
+            continue
+        fi
+        max=$(( share + 30 ))
+        echo "+ [${share}s] ${BENCH[*]} --device cuda --ops $op $quick $extra --out $out --max-time $share $GPU_CHECK_BENCH_ARGS"
+        # The extra arguments are meant to split into words.
+        # shellcheck disable=SC2086
+        timeout --kill-after=5 "$max" "${BENCH[@]}" --device cuda --ops "$op" $quick $extra \
+            --out "$out" --max-time "$share" $GPU_CHECK_BENCH_ARGS
+        rc_one=$?
+        case $rc_one in
+            124|137) echo "!! the $op run overran its share and was stopped"; rc_one=1 ;;
+        esac
+        [ "$rc" -eq 0 ] && rc=$rc_one
+    done
     return "$rc"
 }
 
@@ -318,7 +344,7 @@ env        step_env         30   10
 build      step_build       240  60
 test-cuda  step_test_cuda   150  40
 triton-gpu step_triton_gpu  60   20
-bench      step_bench       180  80
+bench      step_bench       240  80
 sanitizer  step_sanitizer   120  30
 test-all   step_test_all    120  30
 "
@@ -390,6 +416,15 @@ total=$(( $(date +%s) - START ))
     done
 } > "$OUT/gpu_check.log"
 
+# At most 8 files in $OUT: the cross-entropy chart and the U-Net suite's markdown (its records
+# are in its results.json, its tables in gpu_check.log) travel in logs.tar.gz.
+CCC_MD=$(mktemp 2>/dev/null || echo "/tmp/gpu_check_ccc.$$.md")
+cp "$OUT/bench/crop_concat_conv/results.md" "$CCC_MD" 2>/dev/null || rm -f "$CCC_MD"
+for f in bench/cross_entropy.png bench/crop_concat_conv/results.md bench/crop_concat_conv/crop_concat_conv.png; do
+    if [ -f "$OUT/$f" ]; then
+        mkdir -p "$LOGS/$(dirname "$f")" && mv "$OUT/$f" "$LOGS/$f"
+    fi
+done
 tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs 2>/dev/null || true
 if [ "${GPU_CHECK_KEEP_LOGS:-0}" != "1" ] && [ -s "$OUT/logs.tar.gz" ]; then
     rm -rf "$LOGS"
@@ -408,12 +443,20 @@ for i in "${!statuses[@]}"; do
             ;;
     esac
 done
-for md in "$OUT/bench/results.md" "$OUT/bench/upsample_add/results.md"; do
+for md in "$OUT/bench/results.md" "$OUT/bench/upsample_add/results.md" "$CCC_MD"; do
     [ -f "$md" ] || continue
     echo
-    echo "----- bench: full step (from ${md#"$OUT"/}) -----"
+    label=${md#"$OUT"/}
+    [ "$md" = "$CCC_MD" ] && label="bench/crop_concat_conv/results.md, in logs.tar.gz"
+    echo "----- bench: full step (from $label) -----"
     awk '/^### full step/ {p = 1} /^### / && !/^### full step/ {p = 0} p' "$md" | head -40
+    case $md in
+        "$CCC_MD")
+            echo "----- bench: U-Net decoder targets -----"
+            awk '/^### targets/ {p = 1} /^### / && !/^### targets/ {p = 0} p' "$md" | head -30 ;;
+    esac
 done
+rm -f "$CCC_MD"
 echo
 cat "$OUT/summary.txt"
 echo "outputs in $OUT: $(cd "$OUT" && find . -type f | sed 's|^\./||' | sort | tr '\n' ' ')"

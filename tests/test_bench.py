@@ -299,3 +299,137 @@ def test_decoder_suite_is_registered_and_listed(capsys):
     quick = {p.name for p in decoder_bench.SUITE.problems(CPU, quick=True)}
     assert quick == {f"{level}-{form}" for level in decoder_bench.CPU_QUICK
                      for form in decoder_bench.FORMS}
+
+
+# --- the U-Net decoder suite (fastseg/bench/crop_concat_conv.py) ----------------------------
+
+from fastseg.bench import crop_concat_conv as unet_bench  # noqa: E402
+
+# A valid level with an odd crop (skip 11x12 -> x 6x7: offset (2, 2)) and a 'same' one.
+TINY_UNET = [
+    ("tiny-l1", {"net": "tiny", "level": 1, "batch": 2, "padding": 0, "skip": (2, 3, 11, 12),
+                 "x": (2, 3, 6, 7), "weight": (4, 6, 3, 3)}),
+    ("tiny-l2", {"net": "tiny", "level": 2, "batch": 2, "padding": 1, "skip": (2, 2, 5, 5),
+                 "x": (2, 4, 5, 5), "weight": (3, 6, 3, 3)}),
+]
+UNET_PROVIDERS = ("eager", "reference", "fastseg-fake", *unet_bench.PARTS)
+
+
+class _FakeFused(unet_bench.CropConcatConvSuite):
+    """The reference composition as a 'fused' provider, so the targets table has a row."""
+
+    def providers(self, device):
+        return super().providers(device) + [harness.Provider(
+            "fastseg-fake", "fused", lambda p: unet_bench.fastseg_fn(p.params, None))]
+
+
+@pytest.fixture(scope="module")
+def unet_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-unet")
+    suite = _FakeFused(levels_cpu=TINY_UNET)
+    result = harness.run([suite], tiny_config(providers=list(UNET_PROVIDERS)), str(out),
+                         argv=["test_bench"], print_markdown=False)
+    return result, out
+
+
+def test_unet_records_flops_and_parts(unet_run):
+    result, out = unet_run
+    with open(out / harness.RESULTS_JSON) as f:
+        saved = json.load(f)
+    keys = {(r["problem"], r["mode"], r["provider"]) for r in saved["records"]}
+    assert keys == {(name, mode, p) for name, _ in TINY_UNET for mode in MODES
+                    for p in UNET_PROVIDERS}
+    suite = unet_bench.CropConcatConvSuite(levels_cpu=TINY_UNET)
+    problems = {p.name: p for p in suite.problems(CPU, quick=False)}
+    for r in saved["records"]:
+        assert r["status"] == "ok", r
+        assert r["flops"] == suite.flops(problems[r["problem"]], r["mode"]), r
+        assert isinstance(r["tflops"], float) and isinstance(r["peak_bytes"], int), r
+        if r["provider"] in unet_bench.PARTS:
+            assert "check" not in r, r  # a part computes something else than the op
+            assert r["provider_kind"] == "part"
+        elif r["provider"] != "eager":
+            assert r["check"]["ok"] and r["check"]["rel_err"] <= 1e-6, r["check"]
+    # tiny-l1 forward: 2 * N * Cout * Ho * Wo * Cin * 9 = 2 * 2 * 4 * 4 * 5 * 6 * 9
+    assert suite.flops(problems["tiny-l1"], "forward") == 17_280
+    assert suite.flops(problems["tiny-l1"], "full") == 3 * 17_280
+    p = problems["tiny-l1"].params
+    assert p["crop_offset"] == [2, 2] and p["concat_shape"] == [2, 6, 6, 7]
+    assert p["concat_bytes"] == 2 * 6 * 6 * 7 * 4
+
+
+def test_unet_min_bytes_by_hand():
+    suite = unet_bench.CropConcatConvSuite(levels_cpu=TINY_UNET)
+    problem = suite.problems(CPU, quick=False)[0]
+    # Sw = 2*3*6*7 = 252, S = 2*3*11*12 = 792, X = 252, O = 2*4*4*5 = 160, K = 4*6*9 = 216, B = 4
+    forward = 4 * (252 + 252 + 216 + 4 + 160)
+    backward = 4 * (2 * 160 + 252 + 252 + 216 + 792 + 252 + 216 + 4)
+    assert suite.min_bytes(problem, "forward") == forward
+    assert suite.min_bytes(problem, "backward") == backward
+    assert suite.min_bytes(problem, "full") == forward + backward
+
+
+def test_unet_report_has_concat_split_and_targets(unet_run, tmp_path):
+    result, out = unet_run
+    text = (out / harness.RESULTS_MD).read_text()
+    assert text == harness.render_markdown(result)
+    assert "### concatenation vs peak memory" in text
+    assert "### eager's time split: crop + cat vs conv + ReLU (full step, ms)" in text
+    assert "### targets" in text and "| tiny batch 2 | fp32 | fastseg-fake |" in text
+    assert "- (2 of 4 levels)" in text  # the tiny decoder has two levels, not four
+    assert "TFLOP/s" in text
+    # The summary travels in the JSON: --from-json renders the same report.
+    again = tmp_path / "again"
+    assert main(["--from-json", str(out / harness.RESULTS_JSON), "--out", str(again),
+                 "--no-plot"]) == 0
+    assert (again / harness.RESULTS_MD).read_text() == text
+
+
+def test_unet_geometry():
+    """The original U-Net (572 input): skips 568 / 280 / 136 / 64 cropped to 392 / 200 / 104 /
+    56; the CPU's smaller valid U-Net (316)."""
+    assert unet_bench.unet_sizes(572) == [(568, 392), (280, 200), (136, 104), (64, 56)]
+    assert unet_bench.unet_sizes(316) == [(312, 136), (152, 72), (72, 40), (32, 24)]
+    with pytest.raises(ValueError):
+        unet_bench.unet_sizes(512)
+    levels = dict(unet_bench.unet_levels("unet572", 572, 8))
+    assert levels["unet572-l1"]["skip"] == (8, 64, 568, 568)
+    assert levels["unet572-l1"]["x"] == (8, 64, 392, 392)
+    assert levels["unet572-l1"]["weight"] == (64, 128, 3, 3)
+    assert levels["unet572-l4"]["weight"] == (512, 1024, 3, 3)
+    same = dict(unet_bench.unet_levels("same512", 512, 1, padding=1))
+    assert same["same512-l3"]["skip"] == same["same512-l3"]["x"] == (1, 256, 128, 128)
+
+
+@pytest.mark.parametrize("device_type", ["cuda", "cpu"])
+def test_every_unet_level_composes(device_type):
+    """Each problem's eager composition and both parts (on meta tensors: no memory) give the
+    conv's output shape; GPU: 2 nets x 4 levels x 3 batches x 3 dtypes."""
+    suite = unet_bench.SUITE
+    problems = suite.problems(torch.device(device_type), quick=False)
+    if device_type == "cuda":
+        assert len(problems) == 2 * 4 * 3 * 3
+        assert problems[0].dtype == torch.bfloat16
+    for problem in problems:
+        p = problem.params
+        inputs = suite.make_inputs(problem, torch.device("meta"), None)
+        out = unet_bench.eager_fn(p)(*inputs.args)
+        want = (p["batch"], p["weight_shape"][0], *unet_bench.output_hw(p))
+        assert tuple(out.shape) == want, problem.label
+        conv = unet_bench.conv_only_inputs(inputs)
+        assert list(conv.args[0].shape) == p["concat_shape"]
+        assert tuple(unet_bench.conv_only_fn(p)(*conv.args).shape) == want
+        assert list(unet_bench.cat_only(*inputs.args[:2]).shape) == p["concat_shape"]
+
+
+def test_unet_suite_is_registered_and_listed(capsys):
+    assert "crop_concat_conv" in SUITES
+    assert main(["--device", "cpu", "--ops", "crop_concat_conv", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "unet316-l1 1x8x136x136 fp32" in listing
+    for name in ("eager", "compile", "eager-cat-only", "conv-only"):
+        assert f"provider {name} " in listing
+    quick = {p.name for p in unet_bench.SUITE.problems(CPU, quick=True)}
+    assert quick == set(unet_bench.CPU_QUICK)
+    gpu_quick = {p.name for p in unet_bench.SUITE.problems(torch.device("cuda"), quick=True)}
+    assert gpu_quick == set(unet_bench.GPU_QUICK)

@@ -63,8 +63,11 @@ at::Tensor forward_cpu(const at::Tensor& skip, const at::Tensor& x, const at::Te
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), kForward, ": bias must be (",
                       weight.size(0), ",), got ", bias->sizes());
   }
-  at::Tensor out = at::conv2d(x, s.w_x, bias, 1, padding);
-  if (s.crop.size(1) > 0) out.add_(at::conv2d(s.crop, s.w_skip, std::nullopt, 1, padding));
+  // A source with no channels contributes nothing (and oneDNN would give 0 output channels).
+  const bool use_skip = s.crop.size(1) > 0, use_x = x.size(1) > 0 || !use_skip;
+  at::Tensor out = use_x ? at::conv2d(x, s.w_x, bias, 1, padding)
+                         : at::conv2d(s.crop, s.w_skip, bias, 1, padding);
+  if (use_x && use_skip) out.add_(at::conv2d(s.crop, s.w_skip, std::nullopt, 1, padding));
   if (activation == 1) out.relu_();
   // The memory format the fake implementation promises: x's (no copy when oneDNN agrees).
   return out.contiguous(output_memory_format(x));
@@ -86,9 +89,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
                                     /*transposed=*/false, output_padding, /*groups=*/1,
                                     {true, true, false});
   };
-  auto [grad_x, grad_w_x, unused_x] = backward_of(x, s.w_x);
+  at::Tensor grad_x = at::zeros_like(x), grad_w_x = at::zeros_like(s.w_x, at::MemoryFormat::Contiguous);
+  if (x.size(1) > 0) std::tie(grad_x, grad_w_x, std::ignore) = backward_of(x, s.w_x);
+  // at::zeros takes no memory format: empty in the skip's format, then zero.
   at::Tensor grad_skip =
-      at::zeros(skip.sizes(), skip.options().memory_format(output_memory_format(skip)));
+      at::empty(skip.sizes(), skip.options().memory_format(output_memory_format(skip))).zero_();
   at::Tensor grad_w_skip = at::zeros_like(s.w_skip, at::MemoryFormat::Contiguous);
   if (s.crop.size(1) > 0) {
     auto [grad_crop, grad_ws, unused_s] = backward_of(s.crop, s.w_skip);

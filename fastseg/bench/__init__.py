@@ -16,6 +16,7 @@ from collections.abc import Sequence
 SUITES: dict[str, str] = {
     "cross_entropy": "fastseg.bench.cross_entropy",
     "upsample_add": "fastseg.bench.upsample_add",
+    "crop_concat_conv": "fastseg.bench.crop_concat_conv",
 }
 
 

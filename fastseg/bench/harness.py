@@ -137,6 +137,11 @@ class Provider:
     kind: "eager" (the baseline PyTorch composition), "compile" (torch.compile of it),
     "fused" (a fastseg backend) or "reference" (fastseg's pure-PyTorch reference).
     default=False: only run when asked for by name (--providers).
+    inputs: optional inputs(copy) -> Inputs, this provider's own inputs made (untimed, once
+    per copy) from each copy of the problem's, e.g. a part of the op timed on an input that
+    the op itself would compute (a pre-concatenated tensor); None: the problem's inputs.
+    check=False: the provider computes something else than the op (a part of it), so it is
+    not compared with the baseline.
     """
 
     name: str
@@ -144,6 +149,8 @@ class Provider:
     make: Callable[[Problem], Callable[..., Any]]
     note: str = ""
     default: bool = True
+    inputs: Callable[[Inputs], Inputs] | None = None
+    check: bool = True
 
 
 class Suite:
@@ -174,6 +181,16 @@ class Suite:
 
     def tolerance(self, problem: Problem) -> float:
         return DTYPE_TOLERANCE.get(problem.dtype, 5e-2)
+
+    def flops(self, problem: Problem, mode: str) -> int | None:
+        """Floating-point operations of one step of `mode` (None: not counted; a suite that
+        counts them gets a TFLOP/s column)."""
+        return None
+
+    def summary(self, records: list[dict], header: dict) -> list[str]:
+        """Extra markdown lines for the report (e.g. targets), from the records; stored in
+        the JSON with the suite's info, so --from-json renders them again."""
+        return []
 
 
 # --------------------------------------------------------------------------------------------
@@ -659,12 +676,16 @@ def run_suite(suite: Suite, cfg: RunConfig, providers: list[Provider] | None = N
 
 
 def _base_record(suite: Suite, problem: Problem, provider: Provider, mode: str) -> dict:
-    return {
+    rec = {
         "op": suite.op, "problem": problem.name, "shape": list(problem.shape),
         "dtype": dtype_name(problem.dtype), "mode": mode, "provider": provider.name,
         "provider_kind": provider.kind, "status": "ok", "error": None,
         "params": dict(problem.params), "min_bytes": int(suite.min_bytes(problem, mode)),
     }
+    flops = suite.flops(problem, mode)
+    if flops is not None:
+        rec["flops"] = int(flops)
+    return rec
 
 
 def _free(device: torch.device) -> None:
@@ -716,16 +737,17 @@ def _run_problem(suite, problem, providers, modes, cfg, progress, records, start
             continue
         progress.start(f"{problem.label} {provider.name} setup")
         try:
+            own = copies if provider.inputs is None else [provider.inputs(c) for c in copies]
             fn = provider.make(problem)
             t0 = time.perf_counter()
-            c = copies[0]
+            c = own[0]
             out = _as_tuple(fn(*c.args, **c.kwargs))
             grads = (torch.autograd.grad(out, c.grad_tensors, [_grad_output(o, 0) for o in out])
                      if c.grad_tensors else ())
             _sync(device)
             setup_s = time.perf_counter() - t0
             check = None
-            if cfg.check:
+            if cfg.check and provider.check:
                 if provider.name == suite.baseline:
                     baseline = (tuple(o.detach() for o in out), grads)
                 elif baseline is not None:
@@ -733,11 +755,12 @@ def _run_problem(suite, problem, providers, modes, cfg, progress, records, start
             grad_outs = [[_grad_output(o, i) for o in out] for i in range(len(copies))]
             del out, grads
         except Exception as e:  # noqa: BLE001 - compile failures etc.: record, continue
+            own = None
             _free(device)
             skip_all(provider, _status_of(e), f"setup: {type(e).__name__}: {_one_line(e)}")
             continue
         ready[provider.name] = {"fn": fn, "grad_outs": grad_outs, "setup_s": setup_s,
-                                "check": check}
+                                "check": check, "copies": own}
     baseline = None
 
     # Time each mode with the providers' repeats interleaved, then measure memory.
@@ -764,7 +787,7 @@ def _run_problem(suite, problem, providers, modes, cfg, progress, records, start
         fns: dict[str, tuple] = {}
         for name, state in ready.items():
             try:
-                fns[name] = _mode_fns(state["fn"], copies, state["grad_outs"], mode)
+                fns[name] = _mode_fns(state["fn"], state["copies"], state["grad_outs"], mode)
             except Exception as e:  # noqa: BLE001
                 failed(name, e)
                 continue
@@ -781,6 +804,8 @@ def _run_problem(suite, problem, providers, modes, cfg, progress, records, start
             if rec["status"] == "ok":
                 seconds = rec["time_ms"] / 1e3
                 rec["gbps"] = rec["min_bytes"] / seconds / 1e9 if seconds > 0 else None
+                if rec.get("flops") is not None and seconds > 0:
+                    rec["tflops"] = rec["flops"] / seconds / 1e12
                 outcome = f"{rec['time_ms']:.3f} ms"
             else:
                 outcome = rec["status"]
@@ -1059,11 +1084,18 @@ def _render_op(result: dict, op: str) -> list[str]:
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
 
+    summary = info.get("summary") or []
+    if summary:
+        lines += [*summary, ""]
+
+    flops = any(r.get("flops") is not None for r in records)  # a TFLOP/s column
     lines.append(f"### {op}: every record")
     lines.append("")
-    lines.append("| problem | dtype | mode | provider | time ms (p20-p80) | GB/s | % of floor "
-                 "| peak MiB | kept MiB | check |")
-    lines.append("|---|---|---|---|---:|---:|---:|---:|---:|---|")
+    lines.append("| problem | dtype | mode | provider | time ms (p20-p80) | GB/s | "
+                 + ("TFLOP/s | " if flops else "")
+                 + "% of floor | peak MiB | kept MiB | check |")
+    lines.append("|---|---|---|---|---:|---:|" + ("---:|" if flops else "")
+                 + "---:|---:|---:|---|")
     bandwidth = result["header"].get("copy_bandwidth_GBps")
     for problem, dtype in groups:
         for mode in modes:
@@ -1076,6 +1108,8 @@ def _render_op(result: dict, op: str) -> list[str]:
                     row.append(f"{r['time_ms']:.3f} ({r['time_ms_p20']:.3f}-"
                                f"{r['time_ms_p80']:.3f})")
                     row.append(f"{r['gbps']:.1f}" if r.get("gbps") else "-")
+                    if flops:
+                        row.append(f"{r['tflops']:.3g}" if r.get("tflops") else "-")
                     floor = r.get("floor_fraction")
                     row.append(f"{100 * floor:.0f}%" if floor is not None and bandwidth else "-")
                     row.append(_mib(r.get("peak_bytes")))
@@ -1088,7 +1122,7 @@ def _render_op(result: dict, op: str) -> list[str]:
                                    + f" ({chk['rel_err']:.1e})")
                 else:
                     row.append(f"{r['status']}: {_md_escape(r.get('error') or '')[:160]}")
-                    row += ["-"] * 5
+                    row += ["-"] * (6 if flops else 5)
                 lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     return lines
@@ -1280,13 +1314,23 @@ def run(suites: Sequence[Suite], cfg: RunConfig, out_dir: str | None,
         }
         done_before = len(result["records"])
 
+        def summarize(records, _suite=suite):
+            try:
+                lines = list(_suite.summary(records, header))
+            except Exception as e:  # noqa: BLE001 - a report bug must not lose the records
+                lines = [f"(summary failed: {type(e).__name__}: {_one_line(e)})"]
+            if lines:
+                result["suites"][_suite.op]["summary"] = lines
+
         def on_problem_done(records, _base=done_before):
             result["records"][_base:] = records
+            summarize(records)
             save()
 
         records = run_suite(suite, cfg, providers, on_problem_done=on_problem_done,
                             started=started)
         result["records"][done_before:] = records
+        summarize(records)
         save()
     header["complete"] = True
     header["elapsed_s"] = round(time.perf_counter() - started, 1)

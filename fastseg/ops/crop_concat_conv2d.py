@@ -51,8 +51,7 @@ def crop_concat_conv2d(
     name = OP.select(backend, x.device.type, skip, x, weight)
     if name == "reference":
         return _reference.crop_concat_conv2d(skip, x, weight, bias, padding, activation)
-    return torch.ops.fastseg.crop_concat_conv2d_forward(skip, x, weight, bias, padding,
-                                                         _ACTIVATIONS[activation])
+    return _forward_op(name)(skip, x, weight, bias, padding, _ACTIVATIONS[activation])
 
 
 def _check(skip, x, weight, bias, padding, activation) -> None:
@@ -74,7 +73,7 @@ def _check(skip, x, weight, bias, padding, activation) -> None:
     if weight.shape[3] != k or k not in (1, 3):
         raise NotImplementedError(f"{_OP}: only 3x3 and 1x1 kernels are supported, got "
                                   f"{tuple(weight.shape[2:])}")
-    if isinstance(padding, bool) or padding not in (0, 1):
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding not in (0, 1):
         raise NotImplementedError(f"{_OP}: padding must be 0 (valid) or 1 (same), got {padding!r}")
     if padding == 1 and k != 3:
         raise NotImplementedError(f"{_OP}: padding 1 is for 3x3 kernels; a 1x1 kernel takes padding 0")
@@ -100,18 +99,33 @@ def _cpu_reasons(skip, x, weight=None):
     return reasons
 
 
-def _not_written(skip, x, weight=None):
-    return ["not implemented yet: the fused GPU kernels of crop_concat_conv2d are still to come "
-            "(issue 4); the reference backend serves CUDA tensors"]
+def _cuda_not_written(skip, x, weight=None):
+    return ["not implemented yet: the CUDA C++ implicit GEMM of crop_concat_conv2d is still to "
+            "come (issue 4)"]
 
 
-# auto: the C++ kernel on CPU tensors; on CUDA tensors only the reference exists so far.
+def _triton_reasons(skip, x, weight=None):
+    return _backend.triton_reasons(_OP, skip, x, weight)
+
+
+# auto. CPU: the reference (crop + cat + one oneDNN convolution) first, because it measured
+# faster than the CPU kernel's two convolutions over the views at every U-Net level (0.55-0.9x,
+# benchmarks/results/cpu-epyc-2core/crop_concat_conv); backend="cpu" still gives the kernel,
+# which keeps less for the backward (no concatenation saved). CUDA: the Triton implicit GEMM
+# (not yet measured on a GPU: scripts/gpu_check.sh is what should confirm or reorder this).
 OP = _backend.register_op(_backend.OpBackends(
-    op=_OP, auto_order={"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}))
-OP.register("cuda", _not_written)
-OP.register("triton", _not_written)
+    op=_OP, auto_order={"cuda": ("cuda", "triton", "reference"), "cpu": ("reference", "cpu")}))
+OP.register("cuda", _cuda_not_written)
+OP.register("triton", _triton_reasons)
 OP.register("cpu", _cpu_reasons)
 OP.register("reference", lambda skip, x, weight=None: [])
+
+
+def _forward_op(name):
+    if name == "triton":
+        from fastseg.triton import crop_concat_conv2d as kernels
+        return kernels.forward
+    return torch.ops.fastseg.crop_concat_conv2d_forward
 
 
 # --- torch.library: fake implementations and autograd --------------------------------------
@@ -161,3 +175,9 @@ def _register_extension_ops() -> None:
 
 
 _register_extension_ops()
+if torch.cuda.is_available():
+    # With a GPU, register the Triton ops now rather than on first use (maybe inside a trace).
+    try:
+        from fastseg.triton import crop_concat_conv2d as _triton_kernels  # noqa: F401
+    except ImportError:  # reported by _triton_reasons
+        pass
