@@ -29,6 +29,23 @@ def require_triton_interpreter():
     pytest.importorskip("triton")
 
 
+def require_aot_compiler():
+    """At the top of an ahead-of-time compile test module: skip the module unless triton is
+    importable, can compile for NVIDIA targets (no GPU needed) and TRITON_INTERPRET is not 1
+    (the interpreter has no compiler)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("ahead-of-time compilation is not available under TRITON_INTERPRET=1",
+                    allow_module_level=True)
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+        import triton.backends.nvidia  # noqa: F401
+    except Exception as error:  # pragma: no cover - an unusual triton build
+        pytest.skip(f"triton cannot compile for NVIDIA targets here: {error}",
+                    allow_module_level=True)
+
+
 def fused_backends(op: str, device: str) -> list[str]:
     """The fused backends expected to serve float32 inputs on `device` in this process."""
     if device == "cpu":

@@ -10,22 +10,12 @@ and bfloat16, forward and backward, with no register spills.
     pytest -q -s tests/test_triton_aot.py     # -s prints the register table
 """
 
-import os
-
 import pytest
 import torch
 
-pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.skip("ahead-of-time compilation is not available under TRITON_INTERPRET=1",
-                allow_module_level=True)
-try:
-    from triton.backends.compiler import GPUTarget  # noqa: F401
-    from triton.compiler import ASTSource  # noqa: F401
-    import triton.backends.nvidia  # noqa: F401
-except Exception as error:  # pragma: no cover - an unusual triton build
-    pytest.skip(f"triton cannot compile for NVIDIA targets here: {error}",
-                allow_module_level=True)
+from conftest import require_aot_compiler
+
+require_aot_compiler()
 
 from fastseg.triton import softmax_cross_entropy as sce  # noqa: E402
 

@@ -9,22 +9,12 @@ tensor cores: HMMA on sm_80, HGMMA (wgmma) or HMMA on sm_90.
     pytest -q -s tests/test_triton_aot_ccc.py     # -s prints the register table
 """
 
-import os
-
 import pytest
 import torch
 
-pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.skip("ahead-of-time compilation is not available under TRITON_INTERPRET=1",
-                allow_module_level=True)
-try:
-    from triton.backends.compiler import GPUTarget  # noqa: F401
-    from triton.compiler import ASTSource  # noqa: F401
-    import triton.backends.nvidia  # noqa: F401
-except Exception as error:  # pragma: no cover - an unusual triton build
-    pytest.skip(f"triton cannot compile for NVIDIA targets here: {error}",
-                allow_module_level=True)
+from conftest import require_aot_compiler
+
+require_aot_compiler()
 
 from fastseg.triton import crop_concat_conv2d as ccc  # noqa: E402
 

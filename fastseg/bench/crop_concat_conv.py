@@ -61,11 +61,15 @@ from fastseg.bench.harness import (
     DTYPE_SHORT,
     Inputs,
     Problem,
+    DeviceTables,
     Provider,
-    Suite,
-    discover_backends,
+    TabledSuite,
+    discover_fused,
     element_size,
     fused_backend_names,
+    params_compile_provider,
+    params_eager_provider,
+    reference_provider,
 )
 
 OP = "crop_concat_conv2d"
@@ -262,7 +266,7 @@ def _verdict(ok: bool | None) -> str:
     return {True: "PASS", False: "**FAIL**", None: "n/a"}[ok]
 
 
-class CropConcatConvSuite(Suite):
+class CropConcatConvSuite(TabledSuite):
     op = "crop_concat_conv"
     title = "U-Net decoder: center-crop + concatenate + 3x3 conv + ReLU (crop_concat_conv2d)"
     baseline = "eager"
@@ -278,42 +282,25 @@ class CropConcatConvSuite(Suite):
 
     def __init__(self, levels_gpu=None, levels_cpu=None, quick_gpu=None, quick_cpu=None,
                  gpu_dtypes=None, cpu_dtypes=None):
-        self.levels_gpu = list(levels_gpu or GPU_LEVELS)
-        self.levels_cpu = list(levels_cpu or CPU_LEVELS)
-        self.quick_gpu = tuple(quick_gpu or GPU_QUICK)
-        self.quick_cpu = tuple(quick_cpu or CPU_QUICK)
-        self.gpu_dtypes = tuple(gpu_dtypes or GPU_DTYPES)
-        self.cpu_dtypes = tuple(cpu_dtypes or CPU_DTYPES)
-        self._discovered: dict[str, tuple[list[str], dict[str, str]]] = {}
+        super().__init__(DeviceTables.of(
+            levels_gpu or GPU_LEVELS, levels_cpu or CPU_LEVELS, quick_gpu or GPU_QUICK,
+            quick_cpu or CPU_QUICK, gpu_dtypes or GPU_DTYPES, cpu_dtypes or CPU_DTYPES))
 
     # -- what to run ---------------------------------------------------------------------
 
     def problems(self, device: torch.device, quick: bool) -> list[Problem]:
-        cuda = device.type == "cuda"
-        levels = self.levels_gpu if cuda else self.levels_cpu
-        quick_names = self.quick_gpu if cuda else self.quick_cpu
-        dtypes = self.gpu_dtypes if cuda else self.cpu_dtypes
+        levels, dtypes = self.tables.select(device, quick)
         return [
             Problem(name, tuple(g["x"]), dtype, _params(name, g, dtype))
             for dtype in dtypes
             for name, g in levels
-            if not quick or name in quick_names
         ]
 
     def _discover(self, device: torch.device) -> tuple[list[str], dict[str, str]]:
-        key = str(device)
-        if key not in self._discovered:
-            if not _fastseg_available():
-                self._discovered[key] = ([], {"fastseg": f"fastseg.ops.{OP} is not available"})
-            else:
-                live, unavailable = discover_backends(
-                    lambda backend: _probe(backend, device), _backend_names())
-                self._discovered[key] = (
-                    live, {f"fastseg-{name}": reason for name, reason in unavailable.items()})
-        return self._discovered[key]
-
-    def unavailable(self, device: torch.device) -> dict[str, str]:
-        return dict(self._discover(device)[1])
+        return self.discovered(device, lambda: discover_fused(
+            lambda backend: _probe(backend, device),
+            None if _fastseg_available() else f"fastseg.ops.{OP} is not available",
+            _backend_names()))
 
     def providers(self, device: torch.device) -> list[Provider]:
         providers: list[Provider] = []
@@ -324,23 +311,13 @@ class CropConcatConvSuite(Suite):
                 make=lambda problem, _b=backend: fastseg_fn(problem.params, _b),
                 note=f"fastseg.ops.crop_concat_conv2d(..., activation='relu', "
                      f"backend={backend!r})"))
-        providers.append(Provider(
-            name="eager", kind="eager", make=lambda problem: eager_fn(problem.params),
-            note="center crop (a view) + torch.cat + F.conv2d + F.relu"))
-
-        def compiled(**kwargs):
-            def make(problem: Problem) -> Any:
-                # One problem at a time: forget earlier shapes so the recompile limit never trips.
-                torch._dynamo.reset()
-                return torch.compile(eager_fn(problem.params), **kwargs)
-            return make
-
-        providers.append(Provider(
-            name="compile", kind="compile", make=compiled(),
-            note="torch.compile of the eager composition (default options, static shapes, "
-                 "compiled once per problem)"))
-        providers.append(Provider(
-            name="compile-max-autotune", kind="compile", make=compiled(mode="max-autotune"),
+        providers.append(params_eager_provider(
+            eager_fn, note="center crop (a view) + torch.cat + F.conv2d + F.relu"))
+        providers.append(params_compile_provider(
+            eager_fn, note="torch.compile of the eager composition (default options, static "
+            "shapes, compiled once per problem)"))
+        providers.append(params_compile_provider(
+            eager_fn, name="compile-max-autotune", mode="max-autotune",
             note="torch.compile(mode='max-autotune') of the eager composition (autotunes "
                  "the convolution's templates: minutes of setup per problem)",
             default=device.type == "cuda"))
@@ -354,11 +331,9 @@ class CropConcatConvSuite(Suite):
             note="eager's part 2: F.conv2d + F.relu alone, on an input concatenated "
                  "beforehand (untimed)"))
         if _reference_available():
-            providers.append(Provider(
-                name="reference", kind="reference",
-                make=lambda problem: fastseg_fn(problem.params, None),
-                note="fastseg.ops._reference.crop_concat_conv2d (pure PyTorch)",
-                default=not live))
+            providers.append(reference_provider(
+                lambda problem: fastseg_fn(problem.params, None),
+                "fastseg.ops._reference.crop_concat_conv2d (pure PyTorch)", default=not live))
         return providers
 
     # -- inputs, bytes, FLOPs ------------------------------------------------------------

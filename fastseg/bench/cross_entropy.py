@@ -21,13 +21,15 @@ import torch.nn.functional as F
 from fastseg.bench.harness import (
     Inputs,
     Problem,
+    DeviceTables,
     Provider,
-    Suite,
+    TabledSuite,
     compile_provider,
-    discover_backends,
+    discover_fused,
     fused_backend_names,
     eager_provider,
     element_size,
+    reference_provider,
 )
 
 IGNORE_INDEX = 255
@@ -84,7 +86,7 @@ def _fastseg_fn():
 _backend_names = fused_backend_names
 
 
-class CrossEntropySuite(Suite):
+class CrossEntropySuite(TabledSuite):
     op = "cross_entropy"
     title = "softmax cross-entropy (NCHW logits, mean, ignore_index=255)"
     baseline = "eager"
@@ -98,52 +100,37 @@ class CrossEntropySuite(Suite):
 
     def __init__(self, problems_gpu=None, problems_cpu=None, quick_gpu=None, quick_cpu=None,
                  gpu_dtypes=None, cpu_dtypes=None):
-        self.problems_gpu = list(problems_gpu or GPU_PROBLEMS)
-        self.problems_cpu = list(problems_cpu or CPU_PROBLEMS)
-        self.quick_gpu = tuple(quick_gpu or GPU_QUICK)
-        self.quick_cpu = tuple(quick_cpu or CPU_QUICK)
-        self.gpu_dtypes = tuple(gpu_dtypes or GPU_DTYPES)
-        self.cpu_dtypes = tuple(cpu_dtypes or CPU_DTYPES)
-        self._discovered: dict[str, tuple[list[str], dict[str, str]]] = {}
+        super().__init__(DeviceTables.of(
+            problems_gpu or GPU_PROBLEMS, problems_cpu or CPU_PROBLEMS, quick_gpu or GPU_QUICK,
+            quick_cpu or CPU_QUICK, gpu_dtypes or GPU_DTYPES, cpu_dtypes or CPU_DTYPES))
 
     # -- what to run ---------------------------------------------------------------------
 
     def problems(self, device: torch.device, quick: bool) -> list[Problem]:
-        cuda = device.type == "cuda"
-        table = self.problems_gpu if cuda else self.problems_cpu
-        quick_names = self.quick_gpu if cuda else self.quick_cpu
-        dtypes = self.gpu_dtypes if cuda else self.cpu_dtypes
+        table, dtypes = self.tables.select(device, quick)
         params = {"reduction": "mean", "ignore_index": IGNORE_INDEX,
                   "ignored_fraction": IGNORED_FRACTION, "target_dtype": "int64"}
         return [
             Problem(name, shape, dtype, dict(params))
             for dtype in dtypes
             for name, shape in table
-            if not quick or name in quick_names
         ]
 
     def _discover(self, device: torch.device) -> tuple[list[str], dict[str, str]]:
-        key = str(device)
-        if key not in self._discovered:
+        def compute() -> tuple[list[str], dict[str, str]]:
             fn = _fastseg_fn()
-            if fn is None:
-                self._discovered[key] = (
-                    [], {"fastseg": "fastseg.ops.softmax_cross_entropy is not available"})
-            else:
-                def probe(backend: str) -> None:
-                    x = torch.randn(2, 3, 5, 7, device=device, requires_grad=True)
-                    t = torch.randint(0, 3, (2, 5, 7), device=device)
-                    t[0, 0, 0] = IGNORE_INDEX
-                    loss = fn(x, t, ignore_index=IGNORE_INDEX, backend=backend)
-                    loss.backward()
 
-                live, unavailable = discover_backends(probe, _backend_names())
-                self._discovered[key] = (
-                    live, {f"fastseg-{name}": reason for name, reason in unavailable.items()})
-        return self._discovered[key]
+            def probe(backend: str) -> None:
+                x = torch.randn(2, 3, 5, 7, device=device, requires_grad=True)
+                t = torch.randint(0, 3, (2, 5, 7), device=device)
+                t[0, 0, 0] = IGNORE_INDEX
+                loss = fn(x, t, ignore_index=IGNORE_INDEX, backend=backend)
+                loss.backward()
 
-    def unavailable(self, device: torch.device) -> dict[str, str]:
-        return dict(self._discover(device)[1])
+            missing = "fastseg.ops.softmax_cross_entropy is not available" if fn is None else None
+            return discover_fused(probe, missing, _backend_names())
+
+        return self.discovered(device, compute)
 
     def providers(self, device: torch.device) -> list[Provider]:
         providers: list[Provider] = []
@@ -165,9 +152,8 @@ class CrossEntropySuite(Suite):
             def ref(input, target):
                 return reference(input, target, ignore_index=IGNORE_INDEX, reduction="mean")
 
-            providers.append(Provider(
-                name="reference", kind="reference", make=lambda problem: ref,
-                note="fastseg.ops._reference.softmax_cross_entropy (pure PyTorch)",
+            providers.append(reference_provider(
+                lambda problem: ref, "fastseg.ops._reference.softmax_cross_entropy (pure PyTorch)",
                 default=not live))
         return providers
 

@@ -202,20 +202,88 @@ def eager_provider(fn: Callable, name: str = "eager", note: str = "") -> Provide
     return Provider(name=name, kind="eager", make=lambda problem: fn, note=note)
 
 
-def compile_provider(fn: Callable, name: str = "compile", note: str = "",
-                     **compile_kwargs) -> Provider:
-    """torch.compile(fn), compiled afresh per problem (static shapes: the best case for
-    Inductor). The compile happens in the harness' untimed setup step and its time is
-    recorded as the record's setup_s; a compile failure is recorded and the run goes on."""
+def params_eager_provider(factory: Callable[[dict], Callable], name: str = "eager",
+                          note: str = "") -> Provider:
+    """The eager composition built per problem: factory(problem.params) -> fn."""
+    return Provider(name=name, kind="eager", make=lambda problem: factory(problem.params),
+                    note=note)
+
+
+def params_compile_provider(factory: Callable[[dict], Callable], name: str = "compile",
+                            note: str = "", default: bool = True,
+                            **compile_kwargs) -> Provider:
+    """torch.compile(factory(problem.params)), compiled afresh per problem (static shapes: the
+    best case for Inductor). The compile happens in the harness' untimed setup step and its
+    time is recorded as the record's setup_s; a compile failure is recorded and the run goes
+    on."""
 
     def make(problem: Problem) -> Callable:
         # One problem at a time: forget earlier shapes so the recompile limit never trips.
         torch._dynamo.reset()
-        return torch.compile(fn, **compile_kwargs)
+        return torch.compile(factory(problem.params), **compile_kwargs)
 
     options = ", ".join(f"{k}={v!r}" for k, v in compile_kwargs.items())
-    return Provider(name=name, kind="compile", make=make,
+    return Provider(name=name, kind="compile", make=make, default=default,
                     note=note or f"torch.compile({options or 'default options'})")
+
+
+def compile_provider(fn: Callable, name: str = "compile", note: str = "",
+                     **compile_kwargs) -> Provider:
+    """torch.compile(fn), compiled afresh per problem (see params_compile_provider)."""
+    return params_compile_provider(lambda params: fn, name=name, note=note, **compile_kwargs)
+
+
+def reference_provider(make: Callable[[Problem], Callable], note: str,
+                       default: bool = True) -> Provider:
+    """fastseg's pure-PyTorch reference (usually default only when no fused backend is live)."""
+    return Provider(name="reference", kind="reference", make=make, note=note, default=default)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceTables:
+    """A suite's problem tables: named entries (name first), quick names and dtypes, per
+    device kind (CUDA vs the rest)."""
+
+    gpu: Sequence
+    cpu: Sequence
+    quick_gpu: Sequence[str]
+    quick_cpu: Sequence[str]
+    gpu_dtypes: Sequence[torch.dtype]
+    cpu_dtypes: Sequence[torch.dtype]
+
+    @classmethod
+    def of(cls, gpu, cpu, quick_gpu, quick_cpu, gpu_dtypes, cpu_dtypes) -> DeviceTables:
+        return cls(list(gpu), list(cpu), tuple(quick_gpu), tuple(quick_cpu),
+                   tuple(gpu_dtypes), tuple(cpu_dtypes))
+
+    def select(self, device: torch.device, quick: bool) -> tuple[list, tuple[torch.dtype, ...]]:
+        """(the entries to run on this device, in table order; the dtypes to run them in)."""
+        cuda = device.type == "cuda"
+        entries = self.gpu if cuda else self.cpu
+        quick_names = self.quick_gpu if cuda else self.quick_cpu
+        dtypes = self.gpu_dtypes if cuda else self.cpu_dtypes
+        return [e for e in entries if not quick or e[0] in quick_names], tuple(dtypes)
+
+
+class TabledSuite(Suite):
+    """A Suite whose problems come from DeviceTables and whose backend discovery is cached per
+    device. Subclasses define _discover(device) with self.discovered(device, compute)."""
+
+    def __init__(self, tables: DeviceTables):
+        self.tables = tables
+        self._discovered: dict[str, Any] = {}
+
+    def discovered(self, device: torch.device, compute: Callable[[], Any]) -> Any:
+        key = str(device)
+        if key not in self._discovered:
+            self._discovered[key] = compute()
+        return self._discovered[key]
+
+    def _discover(self, device: torch.device) -> tuple[list[str], dict[str, str]]:
+        raise NotImplementedError
+
+    def unavailable(self, device: torch.device) -> dict[str, str]:
+        return dict(self._discover(device)[1])
 
 
 FUSED_BACKENDS = ("cuda", "triton", "cpu")  # when fastseg.BACKENDS is not there
@@ -253,6 +321,17 @@ def discover_backends(
         else:
             live.append(name)
     return live, unavailable
+
+
+def discover_fused(probe: Callable[[str], Any], missing: str | None = None,
+                   backends: Sequence[str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """discover_backends, the unavailable ones named as providers ("fastseg-<backend>").
+    missing: why the fastseg op itself is not there (then nothing is probed)."""
+    if missing is not None:
+        return [], {"fastseg": missing}
+    live, unavailable = discover_backends(
+        probe, fused_backend_names() if backends is None else backends)
+    return live, {f"fastseg-{name}": reason for name, reason in unavailable.items()}
 
 
 def _reason_for(name: str, e: BaseException) -> str:

@@ -61,11 +61,15 @@ import torch.nn.functional as F
 from fastseg.bench.harness import (
     Inputs,
     Problem,
+    DeviceTables,
     Provider,
-    Suite,
+    TabledSuite,
     discover_backends,
     fused_backend_names,
     element_size,
+    params_compile_provider,
+    params_eager_provider,
+    reference_provider,
 )
 
 FORMS = ("bilinear", "deconv")
@@ -267,7 +271,7 @@ def _probe(form: str, backend: str, device: torch.device) -> None:
     torch.autograd.grad(out, inputs, torch.ones_like(out))
 
 
-class UpsampleAddSuite(Suite):
+class UpsampleAddSuite(TabledSuite):
     op = "upsample_add"
     title = "FCN decoder: upsample (bilinear / deconvolution) + crop + skip-add"
     baseline = "eager"
@@ -282,36 +286,27 @@ class UpsampleAddSuite(Suite):
 
     def __init__(self, levels_gpu=None, levels_cpu=None, quick_gpu=None, quick_cpu=None,
                  gpu_dtypes=None, cpu_dtypes=None, forms=FORMS):
-        self.levels_gpu = list(levels_gpu or GPU_LEVELS)
-        self.levels_cpu = list(levels_cpu or CPU_LEVELS)
-        self.quick_gpu = tuple(quick_gpu or GPU_QUICK)
-        self.quick_cpu = tuple(quick_cpu or CPU_QUICK)
-        self.gpu_dtypes = tuple(gpu_dtypes or GPU_DTYPES)
-        self.cpu_dtypes = tuple(cpu_dtypes or CPU_DTYPES)
+        super().__init__(DeviceTables.of(
+            levels_gpu or GPU_LEVELS, levels_cpu or CPU_LEVELS, quick_gpu or GPU_QUICK,
+            quick_cpu or CPU_QUICK, gpu_dtypes or GPU_DTYPES, cpu_dtypes or CPU_DTYPES))
         self.forms = tuple(forms)
-        self._discovered: dict[str, dict[str, tuple[list[str], dict[str, str]]]] = {}
 
     # -- what to run ---------------------------------------------------------------------
 
     def problems(self, device: torch.device, quick: bool) -> list[Problem]:
-        cuda = device.type == "cuda"
-        levels = self.levels_gpu if cuda else self.levels_cpu
-        quick_names = self.quick_gpu if cuda else self.quick_cpu
-        dtypes = self.gpu_dtypes if cuda else self.cpu_dtypes
+        levels, dtypes = self.tables.select(device, quick)
         # Level-major, then dtype, then form: the two forms of a level sit side by side, and
         # a run cut short by --max-time still has every dtype of the levels it reached.
         return [
             Problem(problem_name(level, form), tuple(g["x"]), dtype, _params(form, level, g))
             for level, g in levels
-            if not quick or level in quick_names
             for dtype in dtypes
             for form in self.forms
         ]
 
     def _discover(self, device: torch.device) -> dict[str, tuple[list[str], dict[str, str]]]:
         """Per form: (live backends, {backend: why not})."""
-        key = str(device)
-        if key not in self._discovered:
+        def compute() -> dict[str, tuple[list[str], dict[str, str]]]:
             fns = _fastseg_ops()
             found = {}
             for form in self.forms:
@@ -320,8 +315,9 @@ class UpsampleAddSuite(Suite):
                     continue
                 found[form] = discover_backends(
                     lambda backend, _form=form: _probe(_form, backend, device), _backend_names())
-            self._discovered[key] = found
-        return self._discovered[key]
+            return found
+
+        return self.discovered(device, compute)
 
     def _live(self, device: torch.device) -> list[str]:
         live: list[str] = []
@@ -362,25 +358,16 @@ class UpsampleAddSuite(Suite):
                 name=f"fastseg-{backend}", kind="fused", make=make,
                 note=f"fastseg.ops.upsample_add / deconv_add(backend={backend!r})"))
 
-        providers.append(Provider(
-            name="eager", kind="eager", make=lambda problem: eager_fn(problem.params),
-            note="F.interpolate(mode='bilinear') + the cropped skip; "
-                 "F.conv_transpose2d(groups=C) + slice + the cropped skip"))
-
-        def compiled(problem: Problem) -> Any:
-            # One problem at a time: forget earlier shapes so the recompile limit never trips.
-            torch._dynamo.reset()
-            return torch.compile(eager_fn(problem.params))
-
-        providers.append(Provider(
-            name="compile", kind="compile", make=compiled,
-            note="torch.compile of the eager composition (default options, static shapes, "
-                 "compiled once per problem)"))
+        providers.append(params_eager_provider(
+            eager_fn, note="F.interpolate(mode='bilinear') + the cropped skip; "
+                           "F.conv_transpose2d(groups=C) + slice + the cropped skip"))
+        providers.append(params_compile_provider(
+            eager_fn, note="torch.compile of the eager composition (default options, static "
+            "shapes, compiled once per problem)"))
         if _reference_available():
-            providers.append(Provider(
-                name="reference", kind="reference",
-                make=lambda problem: fastseg_fn(problem.params, None),
-                note="fastseg.ops._reference.upsample_add / deconv_add (pure PyTorch)",
+            providers.append(reference_provider(
+                lambda problem: fastseg_fn(problem.params, None),
+                "fastseg.ops._reference.upsample_add / deconv_add (pure PyTorch)",
                 default=not self._live(device)))
         return providers
 

@@ -1,14 +1,68 @@
 """Launcher, op-registration and ahead-of-time helpers shared by the triton kernel modules.
 
-Imports neither triton nor a kernel module: every kernel module still imports cleanly
-without triton (and says why through its ``not_supported_reasons``), and each one reads
-``TRITON_INTERPRET`` itself when its kernels are defined (its ``INTERPRET``), passing the
-value here where it matters.
+Imports neither triton (except, guarded, in :func:`import_triton`) nor a kernel module:
+every kernel module still imports cleanly without triton (and says why through its
+``not_supported_reasons``), and each one reads ``TRITON_INTERPRET`` itself when its kernels
+are defined (its ``INTERPRET = _common.interpret_flag()``), passing the value here where it
+matters.
 """
 
+import os
 from typing import Callable, Optional, Tuple
 
 import torch
+
+# Compiled and checked (tests/test_triton_aot*.py) for these devices; older GPUs untested.
+MIN_CAPABILITY = (8, 0)
+CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INTERPRETER_DTYPES = CUDA_DTYPES + (torch.float64,)
+
+INT32_LIMIT = 2**31 - 1
+
+
+def import_triton():
+    """(triton, triton.language, None), or (None, None, why) where triton cannot be
+    imported (ImportError, or a broken install raising something else)."""
+    try:  # pragma: no cover - exercised by the environments that lack triton
+        import triton
+        import triton.language as tl
+    except Exception as error:
+        return None, None, f"{type(error).__name__}: {error}"
+    return triton, tl, None
+
+
+def interpret_flag() -> bool:
+    """Whether kernels defined now are defined in interpreter mode. triton decides this
+    when a kernel is decorated, so a kernel module calls this at import, before its
+    kernels, and keeps the value (its ``INTERPRET``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def needs_int64(*tensors: Optional[torch.Tensor], margin: int = 0) -> bool:
+    """Whether an element offset of one of the tensors (plus `margin` elements of masked
+    tail lanes along every axis) can pass 2^31 - 1."""
+    for t in tensors:
+        if t is None:
+            continue
+        if sum((n - 1 + margin) * abs(s) for n, s in zip(t.shape, t.stride())) > INT32_LIMIT:
+            return True
+        if t.numel() > INT32_LIMIT:
+            return True
+    return False
+
+
+def interpreted_fake(tensor: torch.Tensor, interpret: bool) -> bool:
+    """Whether this is a fake (metadata only) pass under the interpreter (`interpret`: the
+    kernel module's INTERPRET), where the interpreted kernel would run on fake tensors
+    (tracing by torch.compile or opcheck) and fail; the fake pass only needs the outputs'
+    metadata."""
+    if not interpret:
+        return False
+    if tensor.device.type == "meta":
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(tensor)
 
 
 class _NullContext:

@@ -50,28 +50,18 @@ import torch
 
 from fastseg.ops import _checks
 from fastseg.triton import _common
+from fastseg.triton._common import (  # noqa: F401 - shared, re-exported
+    CUDA_DTYPES, INTERPRETER_DTYPES, MIN_CAPABILITY, needs_int64,
+)
 
-try:  # pragma: no cover - exercised by the environments that lack triton
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR: Optional[str] = None
-except Exception as _error:  # ImportError, or a broken install raising something else
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = f"{type(_error).__name__}: {_error}"
+# (None, None, why) without a usable triton: then not_supported_reasons says why.
+triton, tl, _TRITON_IMPORT_ERROR = _common.import_triton()
 
 # Whether the kernels below are defined in interpreter mode (decided at import, as triton).
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = _common.interpret_flag()
 
 FORWARD_OP_NAME = "fastseg::crop_concat_conv2d_forward_triton"
 BACKWARD_OP_NAME = "fastseg::crop_concat_conv2d_backward_triton"
-
-MIN_CAPABILITY = (8, 0)
-CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-INTERPRETER_DTYPES = CUDA_DTYPES + (torch.float64,)
-
-_INT32_LIMIT = 2**31 - 1
 
 
 class KernelConfig(NamedTuple):
@@ -131,19 +121,6 @@ def select_config(x: torch.Tensor, weight: torch.Tensor, padding: int,
         if (config.max_cout is None or cout <= config.max_cout) and m >= config.min_m:
             return config
     raise AssertionError(f"no shipped config for Cout {cout}, M {m}")  # unreachable
-
-
-def needs_int64(*tensors: Optional[torch.Tensor], margin: int = 0) -> bool:
-    """Whether an element offset of one of the tensors (plus `margin` elements of masked
-    tail lanes along every axis) can pass 2^31 - 1."""
-    for t in tensors:
-        if t is None:
-            continue
-        if sum((n - 1 + margin) * abs(s) for n, s in zip(t.shape, t.stride())) > _INT32_LIMIT:
-            return True
-        if t.numel() > _INT32_LIMIT:
-            return True
-    return False
 
 
 def not_supported_reasons(skip: torch.Tensor, x: torch.Tensor,
@@ -287,18 +264,6 @@ if triton is not None:
                  mask=m_mask[:, None] & co_mask[None, :])
 
 
-def interpreted_fake(tensor: torch.Tensor) -> bool:
-    """Whether this is a fake (metadata only) pass under TRITON_INTERPRET=1, where the
-    interpreted kernel would run on fake tensors and fail."""
-    if not INTERPRET:
-        return False
-    if tensor.device.type == "meta":
-        return True
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(tensor)
-
-
 def crop_offset(skip: torch.Tensor, x: torch.Tensor) -> Tuple[int, int]:
     return (skip.shape[2] - x.shape[2]) // 2, (skip.shape[3] - x.shape[3]) // 2
 
@@ -358,7 +323,7 @@ if triton is not None:
     ) -> torch.Tensor:
         """act(conv2d(cat([crop(skip), x], 1), weight, bias, padding)) (see module doc)."""
         out = _ops.fake_forward(skip, x, weight, bias, padding, activation)
-        if out.numel() == 0 or interpreted_fake(x):
+        if out.numel() == 0 or _common.interpreted_fake(x, INTERPRET):
             return out
         return launch_forward(out, skip, x, weight, bias, padding, activation)
 

@@ -44,33 +44,25 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 
 from fastseg.triton import _common
+from fastseg.triton._common import (  # noqa: F401 - shared, re-exported
+    CUDA_DTYPES, INTERPRETER_DTYPES, MIN_CAPABILITY,
+)
 
-try:  # pragma: no cover - exercised by the environments that lack triton
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR: Optional[str] = None
-except Exception as _error:  # ImportError, or a broken install raising something else
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = f"{type(_error).__name__}: {_error}"
+# (None, None, why) without a usable triton: then not_supported_reasons says why.
+triton, tl, _TRITON_IMPORT_ERROR = _common.import_triton()
 
 # Whether the kernels below are defined in interpreter mode. triton decides this when a
 # kernel is decorated, so this is the value of the environment at import time.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = _common.interpret_flag()
 
 FORWARD_OP_NAME = "fastseg::softmax_cross_entropy_forward_triton"
 BACKWARD_OP_NAME = "fastseg::softmax_cross_entropy_backward_triton"
 
-# Compiled and checked (tests/test_triton_aot.py) for these devices; older GPUs untested.
-MIN_CAPABILITY = (8, 0)
-CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-INTERPRETER_DTYPES = CUDA_DTYPES + (torch.float64,)
 TARGET_DTYPES = (torch.uint8, torch.int32, torch.int64)
 
 REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
 
-_INT32_LIMIT = 2**31 - 1
+_INT32_LIMIT = _common.INT32_LIMIT
 
 
 class KernelConfig(NamedTuple):
@@ -524,13 +516,7 @@ def _interpreted_fake(tensor: torch.Tensor) -> bool:
     Under TRITON_INTERPRET=1 the interpreted kernel would run on fake tensors (tracing by
     torch.compile or opcheck) and fail; the fake pass only needs the outputs' metadata.
     """
-    if not INTERPRET:
-        return False
-    if tensor.device.type == "meta":
-        return True
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(tensor)
+    return _common.interpreted_fake(tensor, INTERPRET)
 
 
 def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:

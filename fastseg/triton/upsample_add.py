@@ -43,7 +43,6 @@ The module imports without triton; then :func:`not_supported_reasons` says why i
 serve, and ``forward`` / ``backward`` are None (no op is registered).
 """
 
-import os
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -51,28 +50,18 @@ import torch
 from fastseg.ops import _checks
 from fastseg.triton import _common
 from fastseg.triton._common import device_guard as _device_guard  # noqa: F401 - shared
+from fastseg.triton._common import (  # noqa: F401 - shared, re-exported
+    CUDA_DTYPES, INTERPRETER_DTYPES, MIN_CAPABILITY, needs_int64,
+)
 
-try:  # pragma: no cover - exercised by the environments that lack triton
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR: Optional[str] = None
-except Exception as _error:  # ImportError, or a broken install raising something else
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = f"{type(_error).__name__}: {_error}"
+# (None, None, why) without a usable triton: then not_supported_reasons says why.
+triton, tl, _TRITON_IMPORT_ERROR = _common.import_triton()
 
 # Whether the kernels below are defined in interpreter mode (decided at import, as triton).
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = _common.interpret_flag()
 
 FORWARD_OP_NAME = "fastseg::upsample_add_forward_triton"
 BACKWARD_OP_NAME = "fastseg::upsample_add_backward_triton"
-
-MIN_CAPABILITY = (8, 0)
-CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-INTERPRETER_DTYPES = CUDA_DTYPES + (torch.float64,)
-
-_INT32_LIMIT = 2**31 - 1
 
 
 class KernelConfig(NamedTuple):
@@ -145,19 +134,6 @@ def num_tiles(config: KernelConfig, shape) -> Tuple[int, int]:
         return spatial * triton.cdiv(C, config.block_i), spatial
     spatial = N * triton.cdiv(H, config.block_r) * triton.cdiv(W, config.block_i)
     return spatial * C, spatial
-
-
-def needs_int64(*tensors: torch.Tensor, margin: int = 0) -> bool:
-    """Whether an element offset of one of the tensors (plus `margin` elements of masked
-    tail lanes along every axis) can pass 2^31 - 1."""
-    for t in tensors:
-        if t is None:
-            continue
-        if sum((n - 1 + margin) * abs(s) for n, s in zip(t.shape, t.stride())) > _INT32_LIMIT:
-            return True
-        if t.numel() > _INT32_LIMIT:
-            return True
-    return False
 
 
 def not_supported_reasons(x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> List[str]:
@@ -406,15 +382,9 @@ if triton is not None:
 
 
 def interpreted_fake(tensor: torch.Tensor) -> bool:
-    """Whether this is a fake (metadata only) pass under TRITON_INTERPRET=1, where the
-    interpreted kernel would run on fake tensors and fail."""
-    if not INTERPRET:
-        return False
-    if tensor.device.type == "meta":
-        return True
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(tensor)
+    """Whether this is a fake (metadata only) pass under TRITON_INTERPRET=1 (see
+    fastseg.triton._common.interpreted_fake); also deconv_add's."""
+    return _common.interpreted_fake(tensor, INTERPRET)
 
 
 def search_steps(out_size: int) -> int:
