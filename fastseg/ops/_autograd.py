@@ -24,3 +24,22 @@ def register_cross_entropy_autograd(forward_name: str, backward) -> None:
         return grad_input, None, None, None, None, None, None
 
     torch.library.register_autograd(forward_name, backward_fn, setup_context=setup_context)
+
+
+def register_fused_op(op: str, fake_forward, fake_backward, register_autograd) -> None:
+    """Registers the fakes and autograd of fastseg::<op>_forward / <op>_backward (when
+    fastseg._C is loaded) and, with a GPU, imports the op's Triton twins now rather than on
+    first use, which may happen inside a torch.compile trace."""
+    import importlib
+
+    from fastseg import _backend
+
+    if _backend.extension_error() is None:
+        torch.library.register_fake(f"fastseg::{op}_forward")(fake_forward)
+        torch.library.register_fake(f"fastseg::{op}_backward")(fake_backward)
+        register_autograd(f"fastseg::{op}_forward", getattr(torch.ops.fastseg, f"{op}_backward"))
+    if torch.cuda.is_available():
+        try:
+            importlib.import_module(f"fastseg.triton.{op}")
+        except ImportError:  # reported by the op's triton reasons
+            pass

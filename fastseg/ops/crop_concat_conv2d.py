@@ -18,6 +18,7 @@ import torch
 
 from fastseg import _backend
 from fastseg.ops import _checks, _reference
+from fastseg.ops._autograd import register_fused_op
 
 _OP = "crop_concat_conv2d"
 _ACTIVATIONS = {None: 0, "relu": 1}
@@ -165,19 +166,4 @@ def register_autograd(forward_name: str, backward) -> None:
     torch.library.register_autograd(forward_name, backward_fn, setup_context=setup_context)
 
 
-def _register_extension_ops() -> None:
-    if _backend.extension_error() is not None:
-        return
-    torch.library.register_fake("fastseg::crop_concat_conv2d_forward")(fake_forward)
-    torch.library.register_fake("fastseg::crop_concat_conv2d_backward")(fake_backward)
-    register_autograd("fastseg::crop_concat_conv2d_forward",
-                      torch.ops.fastseg.crop_concat_conv2d_backward)
-
-
-_register_extension_ops()
-if torch.cuda.is_available():
-    # With a GPU, register the Triton ops now rather than on first use (maybe inside a trace).
-    try:
-        from fastseg.triton import crop_concat_conv2d as _triton_kernels  # noqa: F401
-    except ImportError:  # reported by _triton_reasons
-        pass
+register_fused_op(_OP, fake_forward, fake_backward, register_autograd)

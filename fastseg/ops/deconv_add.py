@@ -17,6 +17,7 @@ import torch
 
 from fastseg import _backend
 from fastseg.ops import _checks, _reference
+from fastseg.ops._autograd import register_fused_op
 
 _OP = "deconv_add"
 
@@ -149,17 +150,4 @@ def fake_backward(grad_output, x, weight, stride, crop):
     return _checks.empty_like_format(x, x.shape), torch.empty_like(weight)
 
 
-def _register_extension_ops() -> None:
-    if _backend.extension_error() is not None:
-        return
-    torch.library.register_fake("fastseg::deconv_add_forward")(fake_forward)
-    torch.library.register_fake("fastseg::deconv_add_backward")(fake_backward)
-    register_autograd("fastseg::deconv_add_forward", torch.ops.fastseg.deconv_add_backward)
-
-
-_register_extension_ops()
-if torch.cuda.is_available():
-    try:
-        from fastseg.triton import deconv_add as _triton_kernels  # noqa: F401
-    except ImportError:  # reported by _triton_reasons
-        pass
+register_fused_op(_OP, fake_forward, fake_backward, register_autograd)

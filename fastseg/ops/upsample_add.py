@@ -20,6 +20,7 @@ import torch
 
 from fastseg import _backend
 from fastseg.ops import _checks, _reference
+from fastseg.ops._autograd import register_fused_op
 
 _OP = "upsample_add"
 
@@ -163,19 +164,4 @@ def fake_backward(grad_output, input_size, scales, align_corners):
     return _checks.empty_like_format(grad_output, (*grad_output.shape[:2], *input_size))
 
 
-def _register_extension_ops() -> None:
-    if _backend.extension_error() is not None:
-        return
-    torch.library.register_fake("fastseg::upsample_add_forward")(fake_forward)
-    torch.library.register_fake("fastseg::upsample_add_backward")(fake_backward)
-    register_autograd("fastseg::upsample_add_forward", torch.ops.fastseg.upsample_add_backward)
-
-
-_register_extension_ops()
-if torch.cuda.is_available():
-    # With a GPU, register the Triton ops now rather than on first use, which may happen
-    # inside a torch.compile trace.
-    try:
-        from fastseg.triton import upsample_add as _triton_kernels  # noqa: F401
-    except ImportError:  # reported by _triton_reasons
-        pass
+register_fused_op(_OP, fake_forward, fake_backward, register_autograd)
