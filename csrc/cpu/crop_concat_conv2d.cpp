@@ -1,47 +1,566 @@
-// U-Net's crop + concat + convolution on the CPU, with neither the crop nor the
-// concatenation materialized.
+// U-Net's crop + concat + convolution on the CPU: a direct convolution that reads the skip's
+// crop window and x in place, with neither the crop nor the concatenation materialized.
 //
-// A convolution is linear in its input channels:
-//   conv(cat([crop, x]), W) = conv(crop, W[:, :Cs]) + conv(x, W[:, Cs:])
-// so the forward runs ATen's convolution (oneDNN here) on the two zero-copy views - the crop
-// is a view of the skip, the weight slices views of the weight - summed in place, with the
-// bias in the first and the ReLU applied in place. The backward masks the gradient with the
-// saved output (ReLU), runs the convolution backward once per source and writes the skip's
-// gradient into its crop window (zeros elsewhere). Peak memory stays below eager's by the
-// concatenation it never allocates (and its gradient).
+// A convolution is linear in its input channels, so the reduction over the Cs + Cx input
+// channels simply runs over the two sources one after the other: the crop is an offset into
+// the skip (ccc::split gives the zero-copy window), channel c < Cs reads the window, c >= Cs
+// reads x.
 //
-// The file has no per-capability code (ATen's convolution dispatches itself); its kernels
-// live in the DEFAULT build only.
+// All three passes share one register-tiled micro-kernel (conv_tile): PIX output pixels x
+// NV vectors of output channels accumulate over the k x k taps and the reduction channels,
+// one broadcast input value times NV weight vectors per step (the 6 x 16 float tile keeps 12
+// AVX2 accumulators; a 12 x 8 tile serves narrow outputs). It reads its input from rows in
+// (pixel, channel) order:
+// - forward: per thread, a ring of k input rows packed from the two sources (the crop window
+//   and x, any strides, channels_last a straight copy) with the zero padding columns included;
+//   the weight packed once per call as (Cout block, tap, Cin, lanes). Bias and ReLU are applied
+//   when the output row is written, in the output's memory format.
+// - grad input: the same convolution of the ReLU-masked output gradient, stored once in
+//   (n, y, x, Cout) order with a zero border of k - 1 - padding (the mask applied while it is
+//   stored: the masked gradient is the only temporary, the size of the output), with the
+//   weight flipped and transposed; its output channels are written straight into the skip's
+//   crop window of grad_skip (zero elsewhere) and into grad_x.
+// - grad weight: per task, a fixed block of input channels x a fixed slice of output
+//   channels: every tap's (input channel, output channel) tile is reduced over the pixels of
+//   each row and accumulated in the task's buffer, rows in order. No atomics and no partial
+//   sums that depend on the thread count: every pass repeats bit for bit for any number of
+//   threads.
+//
+// This file is compiled once per CPU capability (see setup.py and cpu_capability.h).
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
+#include <utility>
+#include <vector>
+
+#include "fastseg/cpu_capability.h"
+#include "fastseg/cpu_planes.h"
 #include "fastseg/crop_concat_conv2d.h"
 
 namespace fastseg::cpu {
 
+// The problem, in the terms of the convolution a pass runs (its input rows in, its output
+// rows out): batch, output rows and columns, kernel size.
+struct ConvShape {
+  int64_t batch, out_h, out_w, k;
+};
+
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// f(0), ..., f(N - 1) with compile-time indices: the register tiles must be unrolled
+// completely for their accumulators to stay in registers.
+template <int N, typename F>
+inline void unroll(F&& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    (f(std::integral_constant<int, I>{}), ...);
+  }(std::make_integer_sequence<int, N>{});
+}
+
+constexpr int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// out[p][j] (+)= sum over taps t = ky * K + kx in [t0, t1) and reduction channels c in
+// [c0, c1) of  rows[ky][(x0 + p + kx) * pixel_stride + c] * w[(t * C + c) * CB + j]
+// for PIX pixels and CB = NV * vector-size lanes. The sum starts from zero and is added to
+// out once (`accumulate`), so a long reduction is summed in two levels: its float32 error
+// stays near eager's.
+// Not inlined (nor wgrad_tile): inside the callers' loop nests gcc runs out of registers
+// and keeps the accumulators on the stack (seen: 2x slower).
+template <typename T, int K, int PIX, int NV>
+C10_NOINLINE void conv_tile(const T* const* rows, int64_t pixel_stride, int64_t x0, int64_t C, int64_t c0, int64_t c1,
+                      int t0, int t1, const T* w, T* out, bool accumulate) {
+  using V = Vectorized<T>;
+  constexpr int VS = V::size(), CB = NV * VS;
+  V acc[PIX][NV];
+  unroll<PIX>([&](auto p) { unroll<NV>([&](auto j) { acc[p][j] = V(T(0)); }); });
+  for (int t = t0; t < t1; ++t) {
+    const int ky = t / K, kx = t % K;
+    const T* a = rows[ky] + (x0 + kx) * pixel_stride;
+    const T* wt = w + t * C * CB;
+    for (int64_t c = c0; c < c1; ++c) {
+      V b[NV];
+      unroll<NV>([&](auto j) { b[j] = V::loadu(wt + c * CB + j * VS); });
+      unroll<PIX>([&](auto p) {
+        const V av(a[p * pixel_stride + c]);
+        unroll<NV>([&](auto j) { acc[p][j] = at::vec::fmadd(av, b[j], acc[p][j]); });
+      });
+    }
+  }
+  unroll<PIX>([&](auto p) {
+    unroll<NV>([&](auto j) {
+      T* to = out + p * CB + j * VS;
+      (accumulate ? V::loadu(to) + acc[p][j] : acc[p][j]).store(to);
+    });
+  });
+}
+
+// acc[i][j] += sum over x < width of a[x * a_stride + i] * g[x * g_stride + j]: one tap's
+// (6 input channels) x (CB output channels) tile of the weight gradient over one row.
+template <typename T, int NV>
+C10_NOINLINE void wgrad_tile(const T* a, int64_t a_stride, const T* g, int64_t g_stride, int64_t width,
+                       T* acc_out, int64_t acc_stride) {
+  using V = Vectorized<T>;
+  constexpr int VS = V::size(), CI = 6;
+  V acc[CI][NV];
+  unroll<CI>([&](auto i) { unroll<NV>([&](auto j) { acc[i][j] = V(T(0)); }); });
+  for (int64_t x = 0; x < width; ++x) {
+    V b[NV];
+    unroll<NV>([&](auto j) { b[j] = V::loadu(g + x * g_stride + j * VS); });
+    unroll<CI>([&](auto i) {
+      const V av(a[x * a_stride + i]);
+      unroll<NV>([&](auto j) { acc[i][j] = at::vec::fmadd(av, b[j], acc[i][j]); });
+    });
+  }
+  // The row's sum is added once: two-level summation keeps the float32 error near eager's.
+  unroll<CI>([&](auto i) {
+    unroll<NV>([&](auto j) {
+      T* to = acc_out + i * acc_stride + j * VS;
+      (V::loadu(to) + acc[i][j]).store(to);
+    });
+  });
+}
+
+// The reduction's input: the crop window and x, C = Cs + Cx channels (N, C, H, W), any strides.
+template <typename T>
+struct TwoSources {
+  const T* data[2];
+  Strided4 stride[2];
+  int64_t channels[2];
+  int64_t h, w;
+};
+
+// Packs input row `iy` of image n, channels [c0, c0 + count), into dst[(P + ix) * ld + c - c0]
+// for ix in [0, W); the padding columns [0, P) and [P + W, width), the channels [count, ld)
+// and a row outside [0, H) are zeros.
+template <typename T>
+void pack_row(const TwoSources<T>& in, int64_t n, int64_t iy, int64_t P, int64_t c0, int64_t count,
+              int64_t ld, int64_t width, T* dst) {
+  if (iy < 0 || iy >= in.h) {
+    std::fill(dst, dst + width * ld, T(0));
+    return;
+  }
+  std::fill(dst, dst + P * ld, T(0));
+  std::fill(dst + (P + in.w) * ld, dst + width * ld, T(0));
+  if (count < ld)
+    for (int64_t ix = 0; ix < in.w; ++ix) std::fill(dst + (P + ix) * ld + count, dst + (P + ix + 1) * ld, T(0));
+  T* row = dst + P * ld;
+  int64_t first = 0;  // the first concatenated channel of source s
+  for (int s = 0; s < 2; ++s) {
+    const int64_t lo = std::max(c0, first), hi = std::min(c0 + count, first + in.channels[s]);
+    if (lo < hi) {
+      const Strided4& st = in.stride[s];
+      const T* src = in.data[s] + n * st.n + iy * st.h + (lo - first) * st.c;
+      T* out = row + (lo - c0);
+      const int64_t cn = hi - lo;
+      if (st.c == 1) {  // channels_last: a pixel's channels are one run
+        for (int64_t ix = 0; ix < in.w; ++ix) {
+          const T* from = src + ix * st.w;
+          T* to = out + ix * ld;
+          for (int64_t c = 0; c < cn; ++c) to[c] = from[c];
+        }
+      } else {
+        for (int64_t c = 0; c < cn; ++c)
+          for (int64_t ix = 0; ix < in.w; ++ix) out[ix * ld + c] = src[c * st.c + ix * st.w];
+      }
+    }
+    first += in.channels[s];
+  }
+}
+
+// Where a pass writes its output channels: channel c of [begin, begin + count) to
+// data[n * s.n + (c - begin) * s.c + y * s.h + x * s.w]. Up to two destinations.
+template <typename T>
+struct Destination {
+  T* data;
+  Strided4 stride;
+  int64_t begin, count;
+};
+
+template <typename T>
+struct Outputs {
+  std::array<Destination<T>, 2> dst;
+  int ndst;
+  const T* bias;  // per output channel, or nullptr
+  bool relu;
+};
+
+// Writes lanes [0, count) of a row buffer (rowbuf[x * CB + j] is channel c0 + j of column x)
+// into the destinations, bias and ReLU applied.
+template <typename T>
+void write_row(const Outputs<T>& o, int64_t n, int64_t y, int64_t width, int64_t c0, int64_t count,
+               const T* rowbuf, int64_t CB) {
+  for (int d = 0; d < o.ndst; ++d) {
+    const Destination<T>& dst = o.dst[d];
+    const int64_t lo = std::max(c0, dst.begin), hi = std::min(c0 + count, dst.begin + dst.count);
+    if (lo >= hi) continue;
+    const Strided4& s = dst.stride;
+    T* base = dst.data + n * s.n + y * s.h + (lo - dst.begin) * s.c;
+    const auto write = [&](auto relu_) {
+      constexpr bool relu = decltype(relu_)::value;
+      using V = Vectorized<T>;
+      constexpr int64_t VS = V::size();
+      if (s.c == 1) {  // a pixel's channels are one run: vectors of lanes
+        for (int64_t x = 0; x < width; ++x) {
+          const T* from = rowbuf + x * CB + (lo - c0);
+          T* to = base + x * s.w;
+          for (int64_t c = 0; c < hi - lo; c += VS) {
+            const int64_t m = std::min(VS, hi - lo - c);
+            V v = V::loadu(from + c, m);
+            if (o.bias) v = v + V::loadu(o.bias + lo + c, m);
+            if (relu) v = at::vec::clamp_min(v, V(T(0)));  // as torch.relu: NaN stays NaN
+            v.store(to + c, m);
+          }
+        }
+      } else {
+        for (int64_t c = lo; c < hi; ++c) {
+          const T bias = o.bias ? o.bias[c] : T(0);
+          T* to = base + (c - lo) * s.c;
+          const T* from = rowbuf + (c - c0);
+          for (int64_t x = 0; x < width; ++x) {
+            const T v = from[x * CB] + bias;
+            to[x * s.w] = relu && v < T(0) ? T(0) : v;
+          }
+        }
+      }
+    };
+    if (o.relu) {
+      write(std::true_type{});
+    } else {
+      write(std::false_type{});
+    }
+  }
+}
+
+// The rows a pass reads: row(n, r, slot) returns the (pixel, channel) row r (0-based over the
+// padded input) of image n, possibly packing it into ring slot `slot`.
+// Runs conv_tile over every output row: out(n, y) = sum over ky of rows(n, y + ky) (*) w.
+template <typename T, int K, int PIX, int NV, typename RowSource>
+void conv_rows(const ConvShape& shape, int64_t C, int64_t pixel_stride, int64_t out_channels, const T* w_packed,
+               const Outputs<T>& outputs, const RowSource& make_source) {
+  constexpr int64_t CB = NV * Vectorized<T>::size();
+  const int64_t blocks = (out_channels + CB - 1) / CB;
+  const int64_t rows = shape.batch * shape.out_h;
+  const int64_t work_per_row = std::max<int64_t>(1, shape.out_w * out_channels * C * K * K);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / work_per_row);
+  constexpr int64_t kL1Weights = 16384;  // bytes of weights per chunk
+  const int64_t chunk = std::max<int64_t>(8, kL1Weights / (K * K * CB * int64_t(sizeof(T))));
+  constexpr int64_t kTermsPerSum = 96;
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    auto source = make_source();  // per-thread state (the packing ring)
+    std::vector<T> rowbuf(round_up(shape.out_w, PIX) * CB);
+    const T* row_ptrs[K];
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / shape.out_h, y = r % shape.out_h;
+      for (int ky = 0; ky < K; ++ky) row_ptrs[ky] = source.row(n, y + ky);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const T* wb = w_packed + b * K * K * C * CB;
+        // Reduction chunks whose K x K x chunk x CB weights stay in L1 across the row's tiles;
+        // a reduction of one chunk is summed in groups of taps of about kTermsPerSum terms.
+        for (int64_t c0 = 0; c0 < std::max<int64_t>(C, 1); c0 += chunk) {
+          const int64_t c1 = std::min(C, c0 + chunk);
+          const int taps = C > chunk ? K * K
+                                     : static_cast<int>(std::clamp<int64_t>(kTermsPerSum / std::max<int64_t>(C, 1), 1, K * K));
+          for (int t0 = 0; t0 < K * K; t0 += taps)
+            for (int64_t x0 = 0; x0 < shape.out_w; x0 += PIX)
+              conv_tile<T, K, PIX, NV>(row_ptrs, pixel_stride, x0, C, c0, c1, t0, std::min(K * K, t0 + taps), wb,
+                                       rowbuf.data() + x0 * CB, c0 > 0 || t0 > 0);
+        }
+        write_row(outputs, n, y, shape.out_w, b * CB, std::min(CB, out_channels - b * CB), rowbuf.data(), CB);
+      }
+    }
+  });
+}
+
+// Rows packed from the two sources into a per-thread ring of K slots (row r of the padded
+// input is packed once while it is in use).
+template <typename T, int K>
+struct PackedRows {
+  const TwoSources<T>* in;
+  int64_t P, c0, count, ld, width;
+  std::vector<T> ring;
+  std::array<int64_t, K> held;  // n * (H + 2P + K) + r of the row in each slot, -1 if none
+  PackedRows(const TwoSources<T>* in_, int64_t P_, int64_t c0_, int64_t count_, int64_t ld_, int64_t width_)
+      : in(in_), P(P_), c0(c0_), count(count_), ld(ld_), width(width_), ring(K * width_ * ld_) {
+    held.fill(-1);
+  }
+  const T* row(int64_t n, int64_t r) {
+    const int64_t slot = r % K, key = n * (in->h + 2 * P + K) + r;
+    T* dst = ring.data() + slot * width * ld;
+    if (held[slot] != key) {
+      pack_row(*in, n, r - P, P, c0, count, ld, width, dst);
+      held[slot] = key;
+    }
+    return dst;
+  }
+};
+
+// Rows of a stored (n, y, x, channel) buffer (the masked output gradient).
+template <typename T>
+struct StoredRows {
+  const T* data;
+  int64_t rows_per_image, row_stride;
+  const T* row(int64_t n, int64_t r) const { return data + (n * rows_per_image + r) * row_stride; }
+};
+
+// weight (Cout, Cin, K, K) -> [block of CB output lanes][ky][kx][reduction channel][lane].
+// forward: lanes = Cout, reduction = Cin; transposed (grad input): lanes = Cin, reduction =
+// Cout, taps flipped.
+template <typename T, int K>
+at::Tensor pack_weight(const at::Tensor& weight, int64_t CB, bool transposed) {
+  const int64_t cout = weight.size(0), cin = weight.size(1);
+  const int64_t lanes = transposed ? cin : cout, reduction = transposed ? cout : cin;
+  const int64_t blocks = (lanes + CB - 1) / CB;
+  at::Tensor packed = at::zeros({blocks * K * K * reduction * CB}, weight.options());
+  T* out = packed.data_ptr<T>();
+  const T* w = weight.const_data_ptr<T>();
+  const Strided4 s(weight);
+  for (int64_t l = 0; l < lanes; ++l)
+    for (int64_t r = 0; r < reduction; ++r)
+      for (int ky = 0; ky < K; ++ky)
+        for (int kx = 0; kx < K; ++kx) {
+          const int64_t co = transposed ? r : l, ci = transposed ? l : r;
+          const int64_t wy = transposed ? K - 1 - ky : ky, wx = transposed ? K - 1 - kx : kx;
+          out[(((l / CB) * K * K + ky * K + kx) * reduction + r) * CB + l % CB] =
+              w[co * s.n + ci * s.c + wy * s.h + wx * s.w];
+        }
+  return packed;
+}
+
+template <typename T>
+TwoSources<T> two_sources(const at::Tensor& crop, const at::Tensor& x) {
+  return {{crop.const_data_ptr<T>(), x.const_data_ptr<T>()},
+          {Strided4(crop), Strided4(x)},
+          {crop.size(1), x.size(1)},
+          x.size(2),
+          x.size(3)};
+}
+
+// Picks the register tile from the number of output lanes: narrow outputs (at most one
+// vector) take 12 pixels x 1 vector, the rest 6 pixels x 2 vectors.
+template <typename T, typename F>
+void with_tile(int64_t lanes, F&& f) {
+  if (lanes <= Vectorized<T>::size()) {
+    f(std::integral_constant<int, 12>{}, std::integral_constant<int, 1>{});
+  } else {
+    f(std::integral_constant<int, 6>{}, std::integral_constant<int, 2>{});
+  }
+}
+
+template <typename F>
+void with_kernel_size(int64_t k, F&& f) {
+  if (k == 3) {
+    f(std::integral_constant<int, 3>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+template <typename T>
+void forward_typed(const at::Tensor& crop, const at::Tensor& x, const at::Tensor& weight, const T* bias,
+                   int64_t padding, bool relu, at::Tensor& out) {
+  const TwoSources<T> in = two_sources<T>(crop, x);
+  const int64_t C = crop.size(1) + x.size(1), cout = weight.size(0);
+  const ConvShape shape{x.size(0), out.size(2), out.size(3), weight.size(2)};
+  Outputs<T> outputs{{Destination<T>{out.data_ptr<T>(), Strided4(out), 0, cout}, Destination<T>{}}, 1, bias, relu};
+  with_kernel_size(shape.k, [&](auto k_) {
+    constexpr int K = decltype(k_)::value;
+    with_tile<T>(cout, [&](auto pix_, auto nv_) {
+      constexpr int PIX = decltype(pix_)::value, NV = decltype(nv_)::value;
+      const int64_t CB = NV * Vectorized<T>::size();
+      const at::Tensor w = pack_weight<T, K>(weight, CB, /*transposed=*/false);
+      const int64_t width = round_up(shape.out_w, PIX) + K - 1;
+      conv_rows<T, K, PIX, NV>(shape, C, C, cout, w.const_data_ptr<T>(), outputs,
+                               [&] { return PackedRows<T, K>(&in, padding, 0, C, C, width); });
+    });
+  });
+}
+
+template <typename T>
+void backward_typed(const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& crop,
+                    const at::Tensor& x, const at::Tensor& weight, int64_t padding, bool relu,
+                    at::Tensor& grad_crop, at::Tensor& grad_x, at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  using V = Vectorized<T>;
+  constexpr int VS = V::size();
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), cs = crop.size(1), cx = x.size(1);
+  const int64_t cin = cs + cx, cout = weight.size(0), k = weight.size(2);
+  const int64_t Ho = grad_output.size(2), Wo = grad_output.size(3);
+  const int64_t border = k - 1 - padding;  // the transposed convolution's padding
+  // The masked gradient G in (n, y, x, channel) order, Cout padded to whole vector pairs,
+  // with `border` zero rows and columns around it and room for whole 12-pixel tiles.
+  const int64_t cg = round_up(std::max<int64_t>(cout, 1), 2 * VS);
+  const int64_t hg = Ho + 2 * border, wg = round_up(W, 12) + k - 1;
+  at::Tensor g = at::zeros({N, hg, wg, cg}, grad_output.options());
+  {
+    T* gd = g.data_ptr<T>();
+    const T* go = grad_output.const_data_ptr<T>();
+    const T* od = output.const_data_ptr<T>();
+    const Strided4 sg(grad_output), so(output);
+    at::parallel_for(0, N * Ho, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(Wo * cout, 1)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = r / Ho, y = r % Ho;
+        T* row = gd + ((n * hg + y + border) * wg + border) * cg;
+        const T* gy = go + n * sg.n + y * sg.h;
+        const T* oy = od + n * so.n + y * so.h;
+        // ReLU: the gradient passes where the output is positive (threshold_backward).
+        auto masked = [&](int64_t c, int64_t xx) {
+          const T v = gy[c * sg.c + xx * sg.w];
+          return !relu || oy[c * so.c + xx * so.w] > T(0) ? v : T(0);
+        };
+        if (sg.c == 1 && so.c == 1) {  // channels_last: both runs contiguous
+          for (int64_t xx = 0; xx < Wo; ++xx)
+            for (int64_t c = 0; c < cout; ++c) row[xx * cg + c] = masked(c, xx);
+        } else {
+          for (int64_t c = 0; c < cout; ++c)
+            for (int64_t xx = 0; xx < Wo; ++xx) row[xx * cg + c] = masked(c, xx);
+        }
+      }
+    });
+  }
+  grad_bias.copy_(g.view({-1, cg}).sum(0).narrow(0, 0, cout));
+  const StoredRows<T> g_rows{g.const_data_ptr<T>(), hg, wg * cg};
+
+  with_kernel_size(k, [&](auto k_) {
+    constexpr int K = decltype(k_)::value;
+    // Grad input: conv(G padded by `border`, flipped transposed weight) over (N, H, W).
+    with_tile<T>(cin, [&](auto pix_, auto nv_) {
+      constexpr int PIX = decltype(pix_)::value, NV = decltype(nv_)::value;
+      const int64_t CB = NV * VS;
+      const at::Tensor w = pack_weight<T, K>(weight, CB, /*transposed=*/true);
+      Outputs<T> outputs{{Destination<T>{grad_crop.data_ptr<T>(), Strided4(grad_crop), 0, cs},
+                          Destination<T>{grad_x.data_ptr<T>(), Strided4(grad_x), cs, cx}},
+                         2, nullptr, false};
+      conv_rows<T, K, PIX, NV>(ConvShape{N, H, W, K}, cout, cg, cin, w.const_data_ptr<T>(), outputs,
+                               [&] { return g_rows; });
+    });
+
+    // Grad weight: tasks of (6 * kChannelTiles input channels) x (a slice of output channels).
+    const auto wgrad = [&](auto nv_) {
+      constexpr int NV = decltype(nv_)::value;
+      constexpr int64_t CB = NV * VS, kChannelTiles = 2, CIB = 6 * kChannelTiles;
+      const int64_t slice = std::min<int64_t>(round_up(cout, CB), 4 * CB);
+      const int64_t ci_blocks = (cin + CIB - 1) / CIB, co_slices = (round_up(cout, CB) + slice - 1) / slice;
+      const TwoSources<T> in = two_sources<T>(crop, x);
+      const int64_t width = round_up(Wo, 12) + K - 1;
+      T* gw = grad_weight.data_ptr<T>();  // contiguous (Cout, Cin, K, K)
+      at::parallel_for(0, ci_blocks * co_slices, 1, [&](int64_t begin, int64_t end) {
+        std::vector<T> acc(K * K * CIB * slice);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t ci0 = (task / co_slices) * CIB, co0 = (task % co_slices) * slice;
+          const int64_t ci_count = std::min(CIB, cin - ci0);
+          const int64_t co_count = std::min(slice, cout - co0), co_lanes = round_up(co_count, CB);
+          std::fill(acc.begin(), acc.end(), T(0));
+          PackedRows<T, K> rows(&in, padding, ci0, ci_count, CIB, width);
+          for (int64_t n = 0; n < N; ++n) {
+            for (int64_t y = 0; y < Ho; ++y) {
+              const T* grow = g_rows.row(n, y + border) + border * cg + co0;
+              for (int ky = 0; ky < K; ++ky) {
+                const T* arow = rows.row(n, y + ky);
+                for (int kx = 0; kx < K; ++kx)
+                  for (int64_t t = 0; t < kChannelTiles; ++t)
+                    for (int64_t cb = 0; cb < co_lanes; cb += CB)
+                      wgrad_tile<T, NV>(arow + kx * CIB + 6 * t, CIB, grow + cb, cg, Wo,
+                                        acc.data() + ((ky * K + kx) * CIB + 6 * t) * slice + cb, slice);
+              }
+            }
+          }
+          for (int64_t co = 0; co < co_count; ++co)
+            for (int64_t ci = 0; ci < ci_count; ++ci)
+              for (int64_t tap = 0; tap < K * K; ++tap)
+                gw[((co0 + co) * cin + ci0 + ci) * K * K + tap] = acc[(tap * CIB + ci) * slice + co];
+        }
+      });
+    };
+    if (cout <= VS) {
+      wgrad(std::integral_constant<int, 1>{});
+    } else {
+      wgrad(std::integral_constant<int, 2>{});
+    }
+  });
+}
+
+void crop_concat_conv2d_forward_kernel(const at::Tensor& crop, const at::Tensor& x, const at::Tensor& weight,
+                                       const at::Tensor* bias, int64_t padding, bool relu, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "crop_concat_conv2d_forward", [&] {
+    forward_typed<scalar_t>(crop, x, weight, bias ? bias->const_data_ptr<scalar_t>() : nullptr, padding, relu,
+                            out);
+  });
+}
+
+void crop_concat_conv2d_backward_kernel(const at::Tensor& grad_output, const at::Tensor& output,
+                                        const at::Tensor& crop, const at::Tensor& x, const at::Tensor& weight,
+                                        int64_t padding, bool relu, at::Tensor& grad_crop, at::Tensor& grad_x,
+                                        at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "crop_concat_conv2d_backward", [&] {
+    backward_typed<scalar_t>(grad_output, output, crop, x, weight, padding, relu, grad_crop, grad_x, grad_weight,
+                             grad_bias);
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+
 #ifdef FASTSEG_CPU_DISPATCH_UNIT
+FASTSEG_DECLARE_CPU_VARIANTS(
+    void crop_concat_conv2d_forward_kernel(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor*, int64_t, bool, at::Tensor&);
+    void crop_concat_conv2d_backward_kernel(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, const at::Tensor&, int64_t, bool, at::Tensor&,
+                                            at::Tensor&, at::Tensor&, at::Tensor&);)
+
 namespace {
+
+void check_cpu_dtype(const char* op, const at::Tensor& x) {
+  TORCH_CHECK_NOT_IMPLEMENTED(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+                              ": the CPU kernel takes float32 and float64, got ", x.scalar_type());
+}
 
 at::Tensor forward_cpu(const at::Tensor& skip, const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, int64_t padding, int64_t activation) {
   constexpr const char* op = "crop_concat_conv2d_forward";
   const ccc::Sources s = ccc::split(op, skip, x, weight, padding, activation);
   ccc::check_bias(op, bias, weight);
-  // A source with no channels contributes nothing (and oneDNN would give 0 output channels).
-  const bool use_skip = s.crop.size(1) > 0, use_x = x.size(1) > 0 || !use_skip;
-  at::Tensor out = use_x ? at::conv2d(x, s.w_x, bias, 1, padding)
-                         : at::conv2d(s.crop, s.w_skip, bias, 1, padding);
-  if (use_x && use_skip) out.add_(at::conv2d(s.crop, s.w_skip, std::nullopt, 1, padding));
-  if (activation == 1) out.relu_();
-  // The memory format the fake implementation promises: x's (no copy when oneDNN agrees).
-  return out.contiguous(output_memory_format(x));
+  check_cpu_dtype(op, x);
+  const int64_t k = weight.size(2);
+  at::Tensor out = at::empty({x.size(0), weight.size(0), ccc::conv_output_size(x.size(2), k, padding),
+                              ccc::conv_output_size(x.size(3), k, padding)},
+                             x.options().memory_format(output_memory_format(x)));
+  if (out.numel() == 0) return out;
+  FASTSEG_CPU_CALL(crop_concat_conv2d_forward_kernel, s.crop, x, weight, bias ? &*bias : nullptr, padding,
+                   activation == 1, out);
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& skip, const at::Tensor& x,
     const at::Tensor& weight, int64_t padding, int64_t activation) {
-  return ccc::backward_on_views("crop_concat_conv2d_backward", grad_output, output, skip, x, weight,
-                                padding, activation);
+  constexpr const char* op = "crop_concat_conv2d_backward";
+  const ccc::Sources s = ccc::split(op, skip, x, weight, padding, activation);
+  ccc::check_grad(op, grad_output, output);
+  check_scores(op, "grad_output", grad_output, x);
+  check_scores(op, "output", output, x);
+  check_cpu_dtype(op, x);
+  // at::zeros takes no memory format: empty in the skip's format, then zero (the gradient is
+  // zero outside the crop window).
+  at::Tensor grad_skip = at::empty(skip.sizes(), skip.options().memory_format(output_memory_format(skip))).zero_();
+  at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(output_memory_format(x)));
+  at::Tensor grad_weight = at::empty(weight.sizes(), weight.options());
+  at::Tensor grad_bias = at::empty({weight.size(0)}, weight.options());
+  if (grad_output.numel() == 0) {
+    grad_x.zero_();
+    grad_weight.zero_();
+    grad_bias.zero_();
+    return {grad_skip, grad_x, grad_weight, grad_bias};
+  }
+  at::Tensor grad_crop = grad_skip.narrow(2, s.oy, x.size(2)).narrow(3, s.ox, x.size(3));
+  FASTSEG_CPU_CALL(crop_concat_conv2d_backward_kernel, grad_output, output, s.crop, x, weight, padding,
+                   activation == 1, grad_crop, grad_x, grad_weight, grad_bias);
+  return {grad_skip, grad_x, grad_weight, grad_bias};
 }
 
 }  // namespace

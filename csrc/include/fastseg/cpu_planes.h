@@ -12,7 +12,8 @@
 namespace fastseg::cpu {
 
 struct Strided4 {
-  int64_t n, c, h, w;
+  int64_t n = 0, c = 0, h = 0, w = 0;
+  Strided4() = default;
   explicit Strided4(const at::Tensor& t)
       : n(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
   // Offset of plane p (see above).
