@@ -100,23 +100,39 @@ def _cpu_reasons(skip, x, weight=None):
     return reasons
 
 
-def _cuda_not_written(skip, x, weight=None):
-    return ["not implemented yet: the CUDA C++ implicit GEMM of crop_concat_conv2d is still to "
-            "come (issue 4)"]
+_CUDA_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _cuda_reasons(skip, x, weight=None):
+    reasons = _backend.extension_reasons("cuda", x)
+    if reasons:
+        return reasons
+    if x.dtype not in _CUDA_DTYPES:
+        reasons.append(f"{x.dtype}: the CUDA C++ kernel (tensor cores) takes bfloat16 and float16; "
+                       "the triton backend serves float32")
+    major, minor = torch.cuda.get_device_capability(x.device)
+    if (major, minor) < (8, 0):
+        reasons.append(f"compute capability {major}.{minor} of {x.device} is below 8.0 "
+                       "(mma.sync bf16/fp16 tensor cores)")
+    return reasons
 
 
 def _triton_reasons(skip, x, weight=None):
     return _backend.triton_reasons(_OP, skip, x, weight)
 
 
-# auto. CPU: the reference (crop + cat + one oneDNN convolution) first, because it measured
-# faster than the CPU kernel's two convolutions over the views at every U-Net level (0.55-0.9x,
-# benchmarks/results/cpu-epyc-2core/crop_concat_conv); backend="cpu" still gives the kernel,
-# which keeps less for the backward (no concatenation saved). CUDA: the Triton implicit GEMM
-# (not yet measured on a GPU: scripts/gpu_check.sh is what should confirm or reorder this).
+# auto. CPU: the reference (crop + cat + one oneDNN convolution) first. The CPU kernel (a
+# direct convolution from both sources, no concatenation) measured 0.8-1.4x eager fwd+bwd
+# and 0.7-2.3x forward over the U-Net levels (faster at the wide top levels, slower at the
+# deep ones; benchmarks/results/cpu-epyc-2core/crop_concat_conv): not faster everywhere, so
+# auto keeps the reference and backend="cpu" gives the kernel, which keeps less memory for the
+# backward (no concatenation saved). CUDA: Triton (autotuned implicit GEMM, forward and
+# backward) before the CUDA C++ mma.sync kernel (bf16/fp16, untuned, cuDNN backward): neither
+# has been measured on a GPU yet - scripts/gpu_check.sh times both and should confirm or
+# reorder this.
 OP = _backend.register_op(_backend.OpBackends(
-    op=_OP, auto_order={"cuda": ("cuda", "triton", "reference"), "cpu": ("reference", "cpu")}))
-OP.register("cuda", _cuda_not_written)
+    op=_OP, auto_order={"cuda": ("triton", "cuda", "reference"), "cpu": ("reference", "cpu")}))
+OP.register("cuda", _cuda_reasons)
 OP.register("triton", _triton_reasons)
 OP.register("cpu", _cpu_reasons)
 OP.register("reference", lambda skip, x, weight=None: [])
