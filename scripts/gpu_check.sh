@@ -49,7 +49,7 @@
 # "env build bench"), GPU_CHECK_BENCH_QUICK (default 1: each suite's --quick problems; 0: the
 # full GPU problems, as far as the step's time goes - for a run of "env build bench" alone),
 # GPU_CHECK_CCC_PROVIDERS (the crop_concat_conv suite's --providers; default every one but
-# compile-max-autotune; empty: the suite's defaults, compile-max-autotune included),
+# compile-max-autotune, fastseg-triton-views included: the Triton backward kernels vs cuDNN on views; empty: the suite's defaults, compile-max-autotune included),
 # GPU_CHECK_BENCH_ARGS (extra `fastseg bench` arguments for every suite, e.g. --dtypes bf16),
 # GPU_CHECK_SANITIZER_TESTS (pytest arguments under memcheck, run in one process instead of
 # OP_TESTS, e.g. -m "cuda and not slow" tests/), FASTSEG_GIT_COMMIT (the commit
@@ -82,13 +82,17 @@ export FASTSEG_GIT_COMMIT
 export GPU_CHECK_BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-}
 export GPU_CHECK_BENCH_QUICK=${GPU_CHECK_BENCH_QUICK:-1}
 export GPU_CHECK_SANITIZER_TESTS=${GPU_CHECK_SANITIZER_TESTS:-}
-export GPU_CHECK_CCC_PROVIDERS=${GPU_CHECK_CCC_PROVIDERS-fastseg-cuda,fastseg-triton,reference,eager,compile,eager-cat-only,conv-only}
+export GPU_CHECK_CCC_PROVIDERS=${GPU_CHECK_CCC_PROVIDERS-fastseg-cuda,fastseg-triton,fastseg-triton-views,reference,eager,compile,eager-cat-only,conv-only}
+# crop_concat_conv2d's Triton kernels run their shipped configs here: autotuning compiles and
+# times every candidate config per problem (minutes over the test matrix and the benchmark);
+# FASTSEG_TRITON_CCC_AUTOTUNE=1 turns it on for a run of "env build bench" alone.
+export FASTSEG_TRITON_CCC_AUTOTUNE=${FASTSEG_TRITON_CCC_AUTOTUNE:-0}
 # Each op's test file (test-cuda says which are missing) and the tests of it to run under
 # memcheck (pytest -m | -k): the CUDA tests on small shapes - every odd-shape / offset case
 # (matches_eager), empty batches, the strided x layouts; the whole layout matrix and the dtype
 # sweep ran in test-cuda. (test_fcn_decoder.py: its few end-to-end 500x500 tests.
 # test_crop_concat_conv2d.py: its fused GPU backends' tests - the reference backend's, which
-# only run PyTorch's own kernels, are left out; none yet while the GPU kernels are to come.)
+# only run PyTorch's own kernels, are left out.)
 export OP_TESTS="
 tests/test_softmax_cross_entropy.py|cuda and not slow|
 tests/test_upsample_add.py|cuda and not slow|(matches_eager and ac0) or empty_batch or layouts[strided

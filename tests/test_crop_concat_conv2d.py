@@ -203,6 +203,44 @@ def test_float32_error_at_most_twice_eager(device, backend, k, padding, activati
                                      f"{device}-{backend} {case[0]} k={k} p={padding} {activation}")
 
 
+# bf16 / fp16 on the GPU: channel counts that are multiples of 8 take the CUDA kernel's
+# cp.async path in channels_last, the odd ones its element loader; Cout % 8 != 0; one source
+# without channels.
+LOW_PRECISION_CASES = [
+    ("wide-8s", 2, 8, 16, 24, (30, 29), (20, 20)),
+    ("odd", 1, 5, 11, 13, (23, 19), (16, 14)),
+    ("Cx0", 1, 8, 0, 16, (12, 12), (10, 10)),
+    ("Cs0", 2, 0, 8, 8, (10, 10), (10, 10)),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("k,padding", KP)
+@pytest.mark.parametrize("case", LOW_PRECISION_CASES, ids=[c[0] for c in LOW_PRECISION_CASES])
+def test_low_precision_gpu_error_at_most_twice_eager(dtype, backend, layout, k, padding, case):
+    """bf16 / fp16 on CUDA: values and gradients within twice eager's error at that dtype
+    (float64 reference), in both layouts; ReLU on (its mask is the backward's hard part;
+    the linear op is the same kernels without it)."""
+    activation = "relu"
+    skip_unless_served("cuda", backend, dtype)
+    _, n, cs, cx, cout, skip_hw, x_hw = case
+    inputs64 = make_case(n, cs, cx, cout, skip_hw, x_hw, k, True, "cuda", torch.float64, seed=41)
+    grad64 = rand((n, cout) + out_hw(x_hw, k, padding), "cuda", torch.float64, seed=42)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    low = [t.to(dtype) for t in inputs64[:3]]
+    low = [t.contiguous(memory_format=fmt) for t in low[:2]] + [low[2], inputs64[3].to(dtype)]
+    kw = dict(padding=padding, activation=activation)
+    ref = run(eager, *inputs64, grad64, **kw)
+    theirs = run(eager, *low, grad64.to(dtype), **kw)
+    ours = run(crop_concat_conv2d, *low, grad64.to(dtype), backend=backend, **kw)
+    assert_error_at_most_twice_eager(NAMES, ours, theirs, ref, dtype,
+                                     f"cuda-{backend} {case[0]} {layout} k={k} p={padding} {activation}")
+
+
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("activation", [None, "relu"], ids=["linear", "relu"])
 def test_real_size_unet_level(device, backend, activation):

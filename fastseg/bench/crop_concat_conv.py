@@ -204,7 +204,10 @@ def conv_only_inputs(copy: Inputs) -> Inputs:
     return Inputs(args=args, grad_tensors=tuple(a for a in args if a.requires_grad))
 
 
-def fastseg_fn(params: dict, backend: str | None):
+def fastseg_fn(params: dict, backend: str | None, triton_backward: str | None = None):
+    """The fused op with `backend` (None: the reference). triton_backward: the Triton
+    backend's backward mode ("kernels" or "views") - set at every forward call, so that the
+    backward that follows it in a timed step runs that mode whichever provider ran before."""
     padding = params["padding"]
     if backend is None:
         from fastseg.ops import _reference
@@ -213,8 +216,14 @@ def fastseg_fn(params: dict, backend: str | None):
             skip, x, weight, bias, padding, ACTIVATION)
     from fastseg import ops
 
-    return lambda skip, x, weight, bias=None: ops.crop_concat_conv2d(
-        skip, x, weight, bias, padding, ACTIVATION, backend=backend)
+    def fn(skip, x, weight, bias=None):
+        if triton_backward is not None:
+            from fastseg.triton import crop_concat_conv2d as kernels
+
+            kernels.set_backward_mode(triton_backward)
+        return ops.crop_concat_conv2d(skip, x, weight, bias, padding, ACTIVATION, backend=backend)
+
+    return fn
 
 
 def _fastseg_available() -> bool:
@@ -306,11 +315,19 @@ class CropConcatConvSuite(TabledSuite):
         providers: list[Provider] = []
         live, _ = self._discover(device)
         for backend in live:
+            mode = "kernels" if backend == "triton" else None
             providers.append(Provider(
                 name=f"fastseg-{backend}", kind="fused",
-                make=lambda problem, _b=backend: fastseg_fn(problem.params, _b),
+                make=lambda problem, _b=backend, _m=mode: fastseg_fn(problem.params, _b, _m),
                 note=f"fastseg.ops.crop_concat_conv2d(..., activation='relu', "
-                     f"backend={backend!r})"))
+                     f"backend={backend!r})" + (" with the Triton dgrad / wgrad backward"
+                                                if mode else "")))
+        if "triton" in live:
+            providers.append(Provider(
+                name="fastseg-triton-views", kind="fused",
+                make=lambda problem: fastseg_fn(problem.params, "triton", "views"),
+                note="the Triton forward with the backward on zero-copy views "
+                     "(cuDNN's convolution backward per source)"))
         providers.append(params_eager_provider(
             eager_fn, note="center crop (a view) + torch.cat + F.conv2d + F.relu"))
         providers.append(params_compile_provider(
