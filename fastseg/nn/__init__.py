@@ -2,7 +2,8 @@
 
 from fastseg.nn import init
 from fastseg.nn.conv import CropConcatConv2d
+from fastseg.nn.convert import convert
 from fastseg.nn.loss import SoftmaxCrossEntropyLoss
 from fastseg.nn.upsample import DeconvAdd, UpsampleAdd
 
-__all__ = ["CropConcatConv2d", "DeconvAdd", "SoftmaxCrossEntropyLoss", "UpsampleAdd", "init"]
+__all__ = ["CropConcatConv2d", "DeconvAdd", "SoftmaxCrossEntropyLoss", "UpsampleAdd", "convert", "init"]
