@@ -100,24 +100,31 @@ C10_NOINLINE void conv_tile(const T* const* rows, int64_t pixel_stride, int64_t 
   });
 }
 
-// acc[i][j] += sum over x < width of a[x * a_stride + i] * g[x * g_stride + j]: one tap's
-// (6 input channels) x (CB output channels) tile of the weight gradient over one row.
+// acc[i][j] += sum over rows r < rows and x < width of
+//   a_rows[r][a_offset + x * a_stride + i] * g_rows[r][g_offset + x * g_stride + j]:
+// one tap's (6 input channels) x (CB output channels) tile of the weight gradient over a block
+// of rows (several rows per call: at the deep levels a row is only a few dozen pixels).
 template <typename T, int NV>
-C10_NOINLINE void wgrad_tile(const T* a, int64_t a_stride, const T* g, int64_t g_stride, int64_t width,
-                       T* acc_out, int64_t acc_stride) {
+C10_NOINLINE void wgrad_tile(const T* const* a_rows, int64_t a_offset, int64_t a_stride, const T* const* g_rows,
+                             int64_t g_offset, int64_t g_stride, int rows, int64_t width, T* acc_out,
+                             int64_t acc_stride) {
   using V = Vectorized<T>;
   constexpr int VS = V::size(), CI = 6;
   V acc[CI][NV];
   unroll<CI>([&](auto i) { unroll<NV>([&](auto j) { acc[i][j] = V(T(0)); }); });
-  for (int64_t x = 0; x < width; ++x) {
-    V b[NV];
-    unroll<NV>([&](auto j) { b[j] = V::loadu(g + x * g_stride + j * VS); });
-    unroll<CI>([&](auto i) {
-      const V av(a[x * a_stride + i]);
-      unroll<NV>([&](auto j) { acc[i][j] = at::vec::fmadd(av, b[j], acc[i][j]); });
-    });
+  for (int r = 0; r < rows; ++r) {
+    const T* a = a_rows[r] + a_offset;
+    const T* g = g_rows[r] + g_offset;
+    for (int64_t x = 0; x < width; ++x) {
+      V b[NV];
+      unroll<NV>([&](auto j) { b[j] = V::loadu(g + x * g_stride + j * VS); });
+      unroll<CI>([&](auto i) {
+        const V av(a[x * a_stride + i]);
+        unroll<NV>([&](auto j) { acc[i][j] = at::vec::fmadd(av, b[j], acc[i][j]); });
+      });
+    }
   }
-  // The row's sum is added once: two-level summation keeps the float32 error near eager's.
+  // The block's sum is added once: two-level summation keeps the float32 error near eager's.
   unroll<CI>([&](auto i) {
     unroll<NV>([&](auto j) {
       T* to = acc_out + i * acc_stride + j * VS;
@@ -294,20 +301,20 @@ void conv_rows(const ConvShape& shape, int64_t C, int64_t pixel_stride, int64_t 
   });
 }
 
-// Rows packed from the two sources into a per-thread ring of K slots (row r of the padded
-// input is packed once while it is in use).
+// Rows packed from the two sources into a per-thread ring of `slots` rows (row r of the padded
+// input is packed once while it is in use; K slots serve one output row at a time).
 template <typename T, int K>
 struct PackedRows {
   const TwoSources<T>* in;
-  int64_t P, c0, count, ld, width;
+  int64_t P, c0, count, ld, width, slots;
   std::vector<T> ring;
-  std::array<int64_t, K> held;  // n * (H + 2P + K) + r of the row in each slot, -1 if none
-  PackedRows(const TwoSources<T>* in_, int64_t P_, int64_t c0_, int64_t count_, int64_t ld_, int64_t width_)
-      : in(in_), P(P_), c0(c0_), count(count_), ld(ld_), width(width_), ring(K * width_ * ld_) {
-    held.fill(-1);
-  }
+  std::vector<int64_t> held;  // n * (H + 2P + K) + r of the row in each slot, -1 if none
+  PackedRows(const TwoSources<T>* in_, int64_t P_, int64_t c0_, int64_t count_, int64_t ld_, int64_t width_,
+             int64_t slots_ = K)
+      : in(in_), P(P_), c0(c0_), count(count_), ld(ld_), width(width_), slots(slots_),
+        ring(slots_ * width_ * ld_), held(slots_, -1) {}
   const T* row(int64_t n, int64_t r) {
-    const int64_t slot = r % K, key = n * (in->h + 2 * P + K) + r;
+    const int64_t slot = r % slots, key = n * (in->h + 2 * P + K) + r;
     T* dst = ring.data() + slot * width * ld;
     if (held[slot] != key) {
       pack_row(*in, n, r - P, P, c0, count, ld, width, dst);
@@ -461,6 +468,7 @@ void backward_typed(const at::Tensor& grad_output, const at::Tensor& output, con
     const auto wgrad = [&](auto nv_) {
       constexpr int NV = decltype(nv_)::value;
       constexpr int64_t CB = NV * VS, kChannelTiles = 2, CIB = 6 * kChannelTiles;
+      constexpr int kRowBlock = 8;
       const int64_t slice = std::min<int64_t>(round_up(cout, CB), 4 * CB);
       const int64_t ci_blocks = (cin + CIB - 1) / CIB, co_slices = (round_up(cout, CB) + slice - 1) / slice;
       const TwoSources<T> in = two_sources<T>(crop, x);
@@ -473,18 +481,25 @@ void backward_typed(const at::Tensor& grad_output, const at::Tensor& output, con
           const int64_t ci_count = std::min(CIB, cin - ci0);
           const int64_t co_count = std::min(slice, cout - co0), co_lanes = round_up(co_count, CB);
           std::fill(acc.begin(), acc.end(), T(0));
-          PackedRows<T, K> rows(&in, padding, ci0, ci_count, CIB, width);
+          // Fixed blocks of kRowBlock output rows per image (the same for any thread count).
+          PackedRows<T, K> rows(&in, padding, ci0, ci_count, CIB, width, kRowBlock + K - 1);
+          const T* a_rows[K][kRowBlock];
+          const T* grad_rows[kRowBlock];
           for (int64_t n = 0; n < N; ++n) {
-            for (int64_t y = 0; y < Ho; ++y) {
-              const T* grow = g_rows.row(n, y + border) + border * cg + co0;
-              for (int ky = 0; ky < K; ++ky) {
-                const T* arow = rows.row(n, y + ky);
+            for (int64_t y0 = 0; y0 < Ho; y0 += kRowBlock) {
+              const int block = static_cast<int>(std::min<int64_t>(kRowBlock, Ho - y0));
+              for (int r = 0; r < block + K - 1; ++r) {
+                const T* packed = rows.row(n, y0 + r);
+                for (int ky = 0; ky < K; ++ky)
+                  if (r - ky >= 0 && r - ky < block) a_rows[ky][r - ky] = packed;
+              }
+              for (int r = 0; r < block; ++r) grad_rows[r] = g_rows.row(n, y0 + r + border) + border * cg + co0;
+              for (int ky = 0; ky < K; ++ky)
                 for (int kx = 0; kx < K; ++kx)
                   for (int64_t t = 0; t < kChannelTiles; ++t)
                     for (int64_t cb = 0; cb < co_lanes; cb += CB)
-                      wgrad_tile<T, NV>(arow + kx * CIB + 6 * t, CIB, grow + cb, cg, Wo,
+                      wgrad_tile<T, NV>(a_rows[ky], kx * CIB + 6 * t, CIB, grad_rows, cb, cg, block, Wo,
                                         acc.data() + ((ky * K + kx) * CIB + 6 * t) * slice + cb, slice);
-              }
             }
           }
           for (int64_t co = 0; co < co_count; ++co)
