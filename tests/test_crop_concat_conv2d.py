@@ -800,3 +800,19 @@ def test_module_backend_argument():
     m = fastseg.nn.CropConcatConv2d(2, 2, 3, backend="cuda")
     with pytest.raises(NotImplementedError, match="backend 'cuda' cannot serve"):
         m(skip, x)
+
+
+def test_autocast_casts_like_conv2d():
+    """Under autocast the op casts as F.conv2d does: a bfloat16 x with a float32 weight works
+    and gives the autocast dtype; float64 is left alone."""
+    skip, x, w, b = make_case(1, 3, 2, 4, (9, 8), (6, 6), 3, True, "cpu", torch.float32, seed=111)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = crop_concat_conv2d(skip, x.bfloat16(), w, b, padding=1, activation="relu")
+        ref = eager(skip, x.bfloat16(), w, b, padding=1, activation="relu")
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=0)
+    m = fastseg.nn.CropConcatConv2d(3, 2, 4, padding=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(skip, x).dtype == torch.bfloat16
+        d = [t.double() for t in (skip, x, w, b)]
+        assert crop_concat_conv2d(*d).dtype == torch.float64

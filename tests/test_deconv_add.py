@@ -575,3 +575,19 @@ def test_bilinear_deconv_of_a_constant_is_constant_inside(device, backend, k, s)
     out = m(ramp, crop=(sh, sw), output_size=((n_h - 1) * sh, (n_w - 1) * sw))
     steps = out[..., 1:] - out[..., :-1]
     torch.testing.assert_close(steps, torch.full_like(steps, 1.0 / sw), rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_casts_like_conv_transpose2d():
+    """Under autocast a bfloat16 x with FCN's float32 bilinear weight works (cast as
+    F.conv_transpose2d's inputs are) and gives bfloat16."""
+    import fastseg
+
+    x = torch.randn(1, 3, 5, 6).bfloat16()
+    w = fastseg.nn.init.bilinear_(torch.empty(3, 1, 4, 4))
+    skip = torch.randn(1, 3, 12, 14).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fastseg.ops.deconv_add(x, w, 2, skip, crop=(1, 1), output_size=(10, 11))
+        ref = (torch.nn.functional.conv_transpose2d(x, w, stride=2, groups=3)[:, :, 1:11, 1:12]
+               + skip[:, :, :10, :11])
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)

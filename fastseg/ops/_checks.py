@@ -91,3 +91,14 @@ def paste(grad: torch.Tensor, shape, offset, channels_last: bool) -> torch.Tenso
     oy, ox = offset
     out[:, :, oy:oy + grad.shape[2], ox:ox + grad.shape[3]].copy_(grad)
     return out
+
+
+def autocast_inputs(device_type: str, *tensors):
+    """The tensors as an autocast region would give them to a convolution: floating-point
+    ones other than float64 cast to the region's dtype (None and the rest untouched); as they
+    are outside autocast."""
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 and t.dtype != torch.float64 else t for t in tensors)

@@ -47,7 +47,12 @@ def crop_concat_conv2d(
         padding: 0 (valid, the original U-Net) or 1 (same, for 3x3); stride 1.
         activation: None or "relu".
         backend: "auto" (default), "cuda", "triton", "cpu" or "reference".
+
+    Under autocast the inputs are cast as for ``F.conv2d`` (to the region's dtype; float64
+    left alone).
     """
+    if isinstance(x, torch.Tensor):
+        skip, x, weight, bias = _checks.autocast_inputs(x.device.type, skip, x, weight, bias)
     _check(skip, x, weight, bias, padding, activation)
     name = OP.select(backend, x.device.type, skip, x, weight)
     if name == "reference":

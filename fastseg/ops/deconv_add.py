@@ -48,8 +48,12 @@ def deconv_add(
         output_size: ``(Ho, Wo)``; default: the rest of the deconvolution after the crop.
         backend: "auto" (default), "cuda", "triton", "cpu" or "reference".
 
-    Any strides are read in place; the output is channels_last when x is.
+    Any strides are read in place; the output is channels_last when x is. Under autocast x,
+    weight and skip are cast as for ``F.conv_transpose2d`` (to the region's dtype; float64
+    left alone).
     """
+    if isinstance(x, torch.Tensor):
+        x, weight, skip = _checks.autocast_inputs(x.device.type, x, weight, skip)
     x, weight, skip, stride, crop, offset, out_size = _check(
         x, weight, stride, skip, crop, skip_offset, output_size)
     name = OP.select(backend, x.device.type, x, weight, skip)
