@@ -17,6 +17,7 @@ SUITES: dict[str, str] = {
     "cross_entropy": "fastseg.bench.cross_entropy",
     "upsample_add": "fastseg.bench.upsample_add",
     "crop_concat_conv": "fastseg.bench.crop_concat_conv",
+    "models": "fastseg.bench.models",
 }
 
 
