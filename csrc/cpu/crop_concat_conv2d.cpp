@@ -577,19 +577,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   check_scores(op, "grad_output", grad_output, x);
   check_scores(op, "output", output, x);
   check_cpu_dtype(op, x);
-  // at::zeros takes no memory format: empty in the skip's format, then zero (the gradient is
-  // zero outside the crop window).
-  at::Tensor grad_skip = at::empty(skip.sizes(), skip.options().memory_format(output_memory_format(skip))).zero_();
+  at::Tensor grad_skip = at::empty(skip.sizes(), skip.options().memory_format(output_memory_format(skip)));
   at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(output_memory_format(x)));
   at::Tensor grad_weight = at::empty(weight.sizes(), weight.options());
   at::Tensor grad_bias = at::empty({weight.size(0)}, weight.options());
   if (grad_output.numel() == 0) {
+    grad_skip.zero_();
     grad_x.zero_();
     grad_weight.zero_();
     grad_bias.zero_();
     return {grad_skip, grad_x, grad_weight, grad_bias};
   }
-  at::Tensor grad_crop = grad_skip.narrow(2, s.oy, x.size(2)).narrow(3, s.ox, x.size(3));
+  // The kernel writes the whole crop window; only the rest is zeroed (the gradient is zero
+  // there), so the window is not written twice.
+  const int64_t h = x.size(2), w = x.size(3);
+  grad_skip.narrow(2, 0, s.oy).zero_();
+  grad_skip.narrow(2, s.oy + h, skip.size(2) - s.oy - h).zero_();
+  at::Tensor window_rows = grad_skip.narrow(2, s.oy, h);
+  window_rows.narrow(3, 0, s.ox).zero_();
+  window_rows.narrow(3, s.ox + w, skip.size(3) - s.ox - w).zero_();
+  at::Tensor grad_crop = window_rows.narrow(3, s.ox, w);
   FASTSEG_CPU_CALL(crop_concat_conv2d_backward_kernel, grad_output, output, s.crop, x, weight, padding,
                    activation == 1, grad_crop, grad_x, grad_weight, grad_bias);
   return {grad_skip, grad_x, grad_weight, grad_bias};
