@@ -71,6 +71,7 @@ from fastseg.bench.harness import (
     params_eager_provider,
     reference_provider,
 )
+from fastseg.ops import _reference
 
 OP = "crop_concat_conv2d"
 ACTIVATION = "relu"
@@ -138,10 +139,6 @@ CPU_DTYPES = (torch.float32,)
 CPU_QUICK = ("unet316-l1", "unet316-l4")
 
 
-def center_offset(skip_hw, x_hw) -> tuple[int, int]:
-    return ((skip_hw[0] - x_hw[0]) // 2, (skip_hw[1] - x_hw[1]) // 2)
-
-
 def output_hw(params: dict) -> tuple[int, int]:
     _, _, h, w = params["x_shape"]
     k, p = params["kernel"], params["padding"]
@@ -155,7 +152,7 @@ def _params(name: str, g: dict, dtype: torch.dtype) -> dict[str, Any]:
         "op": OP, "net": g["net"], "level": g["level"], "batch": g["batch"],
         "skip_shape": list(g["skip"]), "x_shape": list(g["x"]), "weight_shape": list(g["weight"]),
         "kernel": g["weight"][2], "padding": g["padding"], "activation": ACTIVATION,
-        "bias": True, "crop_offset": list(center_offset((hs, ws), (h, w))),
+        "bias": True, "crop_offset": list(_reference.center_crop_offset((hs, ws), (h, w))),
         # what the eager composition allocates and the fused op does not
         "concat_shape": [n, cs + cx, h, w],
         "concat_bytes": n * (cs + cx) * h * w * element_size(dtype),
@@ -170,7 +167,7 @@ def eager_fn(params: dict):
     padding = params["padding"]
 
     def eager(skip, x, weight, bias=None):
-        oy, ox = center_offset(skip.shape[-2:], x.shape[-2:])
+        oy, ox = _reference.center_crop_offset(skip.shape[-2:], x.shape[-2:])
         crop = skip[:, :, oy:oy + x.shape[2], ox:ox + x.shape[3]]
         return F.relu(F.conv2d(torch.cat([crop, x], 1), weight, bias, padding=padding))
 
@@ -178,7 +175,7 @@ def eager_fn(params: dict):
 
 
 def cat_only(skip, x):
-    oy, ox = center_offset(skip.shape[-2:], x.shape[-2:])
+    oy, ox = _reference.center_crop_offset(skip.shape[-2:], x.shape[-2:])
     return torch.cat([skip[:, :, oy:oy + x.shape[2], ox:ox + x.shape[3]], x], 1)
 
 

@@ -62,6 +62,7 @@ from torch import nn
 
 from fastseg.nn.conv import CropConcatConv2d
 from fastseg.nn.upsample import UpsampleAdd
+from fastseg.ops import _reference
 
 __all__ = ["UNet", "CropConcatConv2dEager", "unet", "unet_output_size", "unet_valid_input_size"]
 
@@ -241,12 +242,9 @@ class CropConcatConv2dEager(nn.Conv2d):
         self.activation = activation
 
     def forward(self, skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore
-        h, w = x.shape[-2:]
-        if skip.shape[-2:] != x.shape[-2:]:
-            oy, ox = (skip.shape[-2] - h) // 2, (skip.shape[-1] - w) // 2
-            skip = skip[:, :, oy:oy + h, ox:ox + w]
-        out = super().forward(torch.cat([skip, x], dim=1))
-        return F.relu(out) if self.activation == "relu" else out
+        # the eager composition: crop (a slice) + torch.cat + F.conv2d (+ relu)
+        return _reference.crop_concat_conv2d(skip, x, self.weight, self.bias, self.padding[0],
+                                             self.activation)
 
     def extra_repr(self) -> str:
         return (f"skip_channels={self.skip_channels}, x_channels={self.x_channels}, "

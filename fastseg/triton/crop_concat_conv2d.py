@@ -98,7 +98,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from fastseg.ops import _checks
+from fastseg.ops import _checks, _reference
 from fastseg.triton import _common
 from fastseg.triton._common import (  # noqa: F401 - shared, re-exported
     CUDA_DTYPES, INTERPRETER_DTYPES, MIN_CAPABILITY, needs_int64,
@@ -745,7 +745,7 @@ if triton is not None:
 
 
 def crop_offset(skip: torch.Tensor, x: torch.Tensor) -> Tuple[int, int]:
-    return (skip.shape[2] - x.shape[2]) // 2, (skip.shape[3] - x.shape[3]) // 2
+    return _reference.center_crop_offset(skip.shape[-2:], x.shape[-2:])
 
 
 def crop_view(skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
