@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.14.1
-DEV_DEPS := numpy pytest expecttest pytest-timeout matplotlib tqdm ninja setuptools wheel
+DEV_DEPS := numpy pillow scipy pytest expecttest pytest-timeout matplotlib tqdm ninja setuptools wheel
 # CUDA kernels: built when nvcc is on PATH (override: make test FASTSEG_BUILD_CUDA=0).
 FASTSEG_BUILD_CUDA ?= $(shell command -v nvcc >/dev/null 2>&1 && echo 1 || echo 0)
 export FASTSEG_BUILD_CUDA
