@@ -35,10 +35,10 @@ test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_FLAGS) -m triton_interpret tests/test_triton_interpret*.py
 
 demo: install
-	$(VENV)/bin/fastseg bench --quick --out bench-out
+	$(VENV)/bin/fastseg demo --out demo-out
 
 bench: install
 	$(VENV)/bin/fastseg bench --out bench-out
 
 clean:
-	rm -rf build dist *.egg-info fastseg/_C*.so fastseg/_build_info.py bench-out
+	rm -rf build dist *.egg-info fastseg/_C*.so fastseg/_build_info.py bench-out demo-out

@@ -24,6 +24,8 @@
 #               draw any of them with `fastseg bench --from-json`. The U-Net suite runs without
 #               compile-max-autotune here (minutes of autotuning per problem; see
 #               GPU_CHECK_CCC_PROVIDERS)
+#   train-gpu   `fastseg demo --quick` and a bf16 / channels_last `fastseg train` on the GPU
+#               (issue 6's engine end to end; logs and pictures in logs.tar.gz)
 #   sanitizer   under compute-sanitizer --tool memcheck (skipped if absent), each op test file
 #               in its own process with its share of the step's time, CUDA tests on small
 #               shapes only (see OP_TESTS); a file cut short by its share is PARTIAL
@@ -334,6 +336,23 @@ step_sanitizer() {
     return 0
 }
 
+step_train_gpu() {
+    # `fastseg demo --quick` on the GPU: both networks train a few steps (fused ops, AMP-free),
+    # validate with overlap-tile inference and time fused vs eager steps; then the same U-Net
+    # trains two steps in bf16 autocast with channels_last. (Needs Pillow and scipy, which the
+    # data pipeline uses: skipped where the machine lacks them.)
+    if ! "$PY" -c "import PIL, scipy, tqdm, matplotlib" 2>/dev/null; then
+        echo "Pillow / scipy / tqdm / matplotlib missing for $PY: skipped"
+        return "$RC_SKIP"
+    fi
+    echo "+ $PY -m fastseg demo --quick --device cuda --out $LOGS/demo --no-progress"
+    "$PY" -m fastseg demo --quick --device cuda --out "$LOGS/demo" --no-progress || return 1
+    echo "+ $PY -m fastseg train (unet, bf16, channels_last, 2 steps)"
+    "$PY" -m fastseg train --model unet --base-channels 8 --depth 3 --synthetic-size 128 \
+        --crop 68 --steps 2 --amp bf16 --channels-last --device cuda --no-progress \
+        --out "$LOGS/train-bf16"
+}
+
 step_test_all() {
     local extra=""
     if "$PY" -c "import xdist" 2>/dev/null; then
@@ -344,7 +363,7 @@ step_test_all() {
 }
 
 export -f pytest_args run_pytest step_env step_build step_test_cuda step_triton_gpu bench_cmd \
-    step_bench sanitize_pytest step_sanitizer step_test_all
+    step_bench step_train_gpu sanitize_pytest step_sanitizer step_test_all
 
 # name, function, cap (s), least time it needs (s): the later steps' least times are held
 # back from each step's timeout so that every step gets its turn within the budget.
@@ -354,10 +373,11 @@ build      step_build       240  60
 test-cuda  step_test_cuda   180  40
 triton-gpu step_triton_gpu  60   20
 bench      step_bench       210  80
+train-gpu  step_train_gpu   60   15
 sanitizer  step_sanitizer   120  30
 test-all   step_test_all    120  30
 "
-WANTED=${GPU_CHECK_STEPS:-env build test-cuda triton-gpu bench sanitizer test-all}
+WANTED=${GPU_CHECK_STEPS:-env build test-cuda triton-gpu bench train-gpu sanitizer test-all}
 
 names=(); funcs=(); caps=(); mins=()
 while read -r name func cap min; do

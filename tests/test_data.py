@@ -13,7 +13,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+# The data pipeline needs Pillow and scipy (package dependencies; a bare GPU machine may lack them).
+pytest.importorskip("PIL")
+pytest.importorskip("scipy")
+from PIL import Image  # noqa: E402
 
 from conftest import SHARED_DATA
 from fastseg.data import (CAMVID_CLASS_NAMES, CAMVID_CLASS_WEIGHTS, CenterCrop, Compose,

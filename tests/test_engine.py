@@ -10,6 +10,9 @@ import sys
 import pytest
 import torch
 
+# The data pipeline needs Pillow and scipy (package dependencies; a bare GPU machine may lack them).
+pytest.importorskip("PIL")
+pytest.importorskip("scipy")
 from fastseg.engine import checkpoint as ckpt
 from fastseg.engine.config import TrainConfig
 from fastseg.engine.distributed import EpochSampler
@@ -250,3 +253,111 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "--dataset", "camvid", "--steps", "1", "--out", str(tmp_path)]) == 2
     assert "needs data_root" in capsys.readouterr().err
+
+
+# --- inference helpers -------------------------------------------------------------------------
+
+def test_dense_heatmap_of_a_convolutionalized_classifier():
+    """On an image the classifier's size the heat map is its class probability everywhere; on a
+    larger one it is a dense map of the image's size (the FCN paper's heat map)."""
+    from torch import nn
+
+    from fastseg.engine.segment import dense_heatmap
+    from fastseg.models import convolutionalize
+
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 8 * 8, 10), nn.ReLU(), nn.Linear(10, 3))
+    classifier = nn.Sequential(features, head).double()
+    dense = nn.Sequential(features, convolutionalize(head, (4, 8, 8))).double()
+    image = torch.rand(3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        expected = torch.softmax(classifier(((image - 0.5) / 0.25)[None]), 1)[0, 2]
+    heat = dense_heatmap(dense, image, 2, mean=0.5, std=0.25)
+    assert heat.shape == (16, 16)
+    torch.testing.assert_close(heat, torch.full((16, 16), float(expected)), rtol=0, atol=1e-6)
+    big = dense_heatmap(dense, torch.rand(3, 40, 56), 2, mean=0.5, std=0.25)
+    assert big.shape == (40, 56) and float(big.min()) >= 0 and float(big.max()) <= 1
+    assert float(big.std()) > 0        # it varies over the image
+    with pytest.raises(ValueError, match="class_index 3 outside"):
+        dense_heatmap(dense, image, 3, mean=0.5, std=0.25)
+
+
+def test_predict_files_resizes_like_training_and_names_classes(tmp_path):
+    """A network trained on half-size images predicts at half size and answers at full size;
+    the heat map class may be given by name; colliding output names are refused."""
+    import numpy as np
+    from PIL import Image
+
+    from fastseg.engine.evaluate import load_trained_model
+    from fastseg.engine.segment import predict_files
+
+    out = tmp_path / "run"
+    train(tiny_unet(out, steps=1, scale=0.5, synthetic_size=96), progress=False, log=None)
+    model, config = load_trained_model(out / "checkpoints" / "last.pt")
+    assert config.scale == 0.5 and config.extra["class_names"] == ["membrane", "cell"]
+    image = tmp_path / "a" / "slice.png"
+    image.parent.mkdir()
+    Image.fromarray((np.random.default_rng(1).random((61, 83)) * 255).astype(np.uint8)).save(image)
+    written = predict_files(model, config, [str(image)], str(tmp_path / "pred"), heatmap="cell",
+                            progress=False)
+    assert sorted(os.path.basename(p) for p in written) == [
+        "slice_heatmap_1.png", "slice_mask.png", "slice_overlay.png"]
+    assert np.array(Image.open(tmp_path / "pred" / "slice_mask.png")).shape == (61, 83)
+    with pytest.raises(ValueError, match="neither an index"):
+        predict_files(model, config, [str(image)], str(tmp_path / "p2"), heatmap="nucleus",
+                      progress=False)
+    twin = tmp_path / "b" / "slice.png"
+    twin.parent.mkdir()
+    twin.write_bytes(image.read_bytes())
+    with pytest.raises(ValueError, match="share the names"):
+        predict_files(model, config, [str(image), str(twin)], str(tmp_path / "p3"),
+                      progress=False)
+
+
+def test_evaluate_matches_a_manual_confusion_count(tmp_path):
+    """evaluate() == counting predict_mask against the masks by hand."""
+    import numpy as np
+
+    from fastseg.engine.evaluate import evaluate, load_trained_model
+    from fastseg.engine.predict import predict_mask
+    from fastseg.engine.build import build_datasets
+
+    out = tmp_path / "run"
+    train(tiny_fcn(out, steps=2), progress=False, log=None)
+    model, config = load_trained_model(out / "checkpoints" / "last.pt")
+    _, val = build_datasets(config, train=False)
+    metrics = evaluate(model, val, num_classes=config.num_classes, ignore_index=255,
+                       mean=config.mean, std=config.std)
+    correct = total = 0
+    for i in range(len(val)):
+        sample = val[i]
+        pred = predict_mask(model, sample["image"], mean=config.mean, std=config.std).numpy()
+        mask = sample["mask"].numpy()
+        keep = mask != 255
+        correct += int((pred[keep] == mask[keep]).sum())
+        total += int(keep.sum())
+    assert metrics["pixel_accuracy"] == pytest.approx(correct / total)
+    assert metrics["images"] == len(val) and np.isfinite(metrics["fw_iou"])
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_end_to_end(tmp_path):
+    result = run(["-m", "fastseg", "demo", "--quick", "--out", str(tmp_path), "--device", "cpu",
+                  "--no-progress"])
+    assert "fused vs eager" in result.stdout
+    speed = json.loads((tmp_path / "speed.json").read_text())
+    assert [row["model"] for row in speed] == ["unet", "fcn8s"]
+    assert all(row["fused_ms"] > 0 and row["eager_ms"] > 0 for row in speed)
+    for run_name in ("unet-membranes", "fcn8s-shapes"):
+        assert (tmp_path / run_name / "curves.png").stat().st_size > 0
+        assert len(os.listdir(tmp_path / run_name / "pictures")) == 4
+
+
+@pytest.mark.slow
+def test_cli_eval_on_the_training_split(tmp_path):
+    out = tmp_path / "run"
+    run(["-m", "fastseg", "train", *TINY_FLAGS, "--steps", "2", "--out", str(out)])
+    result = run(["-m", "fastseg", "eval", str(out / "checkpoints" / "last.pt"), "--split",
+                  "train", "--no-progress"])
+    assert "(train, 8 images)" in result.stdout

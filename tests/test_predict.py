@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HAS_CUDA
+# The data pipeline needs Pillow and scipy (package dependencies; a bare GPU machine may lack them).
+pytest.importorskip("PIL")
+pytest.importorskip("scipy")
+from conftest import HAS_CUDA  # noqa: E402
 from fastseg.engine.predict import (
     _mirror_pad, _same_unet_radius, _unet_margin, max_pixels_for_memory, predict_logits,
     predict_mask, predict_probability,

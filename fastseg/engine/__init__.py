@@ -14,6 +14,7 @@ demo``).
 """
 
 from fastseg.engine.config import TrainConfig  # noqa: E402
+from fastseg.engine.evaluate import evaluate, load_trained_model  # noqa: E402
 from fastseg.engine.train import Trainer, train  # noqa: E402
 
-__all__ = ["TrainConfig", "Trainer", "train"]
+__all__ = ["TrainConfig", "Trainer", "evaluate", "load_trained_model", "train"]

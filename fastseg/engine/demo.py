@@ -36,8 +36,8 @@ def demo_configs(out: str, device: str = "auto", quick: bool = False) -> dict[st
     fcn = TrainConfig(
         model="fcn8s", width_mult=1 / 16, dataset="synthetic-shapes", synthetic_train=48,
         synthetic_val=4, synthetic_size=96, crop=96, flip=True, optimizer="adam", lr=2e-3,
-        schedule="cosine", steps=6 if quick else 300, batch_size=4,
-        val_every=0 if quick else 100, log_every=2 if quick else 10, device=device,
+        schedule="cosine", steps=6 if quick else 700, batch_size=4,
+        val_every=0 if quick else 350, log_every=2 if quick else 10, device=device,
         out=os.path.join(out, "fcn8s-shapes"))
     return {"unet-membranes": unet, "fcn8s-shapes": fcn}
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from fastseg.engine.distributed import Context
 
-__all__ = ["evaluate", "load_model"]
+__all__ = ["evaluate", "load_model", "load_trained_model"]
 
 
 def evaluate(model: nn.Module, dataset, *, num_classes: int, ignore_index: int, mean, std,
@@ -65,3 +65,11 @@ def load_model(checkpoint: dict, device) -> tuple[nn.Module, "TrainConfig"]:  # 
     model = build_model(config)
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval(), config
+
+
+def load_trained_model(path, device="cpu") -> tuple[nn.Module, "TrainConfig"]:  # noqa: F821
+    """A trained network from a ``fastseg train`` checkpoint file, in eval mode, with its
+    TrainConfig (``config.mean`` / ``config.std`` are the normalization it was trained with)."""
+    from fastseg.engine.checkpoint import load_checkpoint
+
+    return load_model(load_checkpoint(path), device)

@@ -109,15 +109,16 @@ def dense_heatmap(model: nn.Module, image: torch.Tensor, class_index: int, *, me
     the class."""
     if image.dim() != 3:
         raise ValueError(f"dense_heatmap: image must be (C, H, W), got {tuple(image.shape)}")
-    device = device or next(model.parameters()).device
+    parameter = next(model.parameters())
+    device, dtype = device or parameter.device, parameter.dtype
     channels = image.shape[0]
-    m = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1).expand(channels, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1).expand(channels, 1, 1)
+    m = torch.as_tensor(mean, dtype=dtype).reshape(-1, 1, 1).expand(channels, 1, 1)
+    s = torch.as_tensor(std, dtype=dtype).reshape(-1, 1, 1).expand(channels, 1, 1)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            x = ((image.float() - m) / s)[None].to(device)
+            x = ((image.to(dtype) - m) / s)[None].to(device)
             scores = model(x)
             if scores.dim() == 2:          # a plain classifier on a map of exactly its size
                 scores = scores[:, :, None, None]
