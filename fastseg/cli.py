@@ -186,11 +186,13 @@ def _cmd_eval(args) -> int:
         raise ValueError("no validation set: pass --val-images and --val-masks")
     metrics = evaluate(model, dataset, num_classes=config.num_classes,
                        ignore_index=config.ignore_index, mean=config.mean, std=config.std,
-                       max_pixels=args.max_pixels, progress=not args.no_progress)
+                       max_pixels=args.max_pixels, progress=not args.no_progress, table=True)
     names = getattr(dataset, "class_names", None)
     print(f"{args.checkpoint}: {config.model} on {config.dataset} ({args.split}, "
           f"{len(dataset)} images)")
-    print(_metrics_lines(metrics, names))
+    print(metrics.pop("table"))
+    if "rand_error" in metrics:
+        print(f"Rand error: {metrics['rand_error']:.4f}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -187,10 +187,16 @@ def test_config_errors(tmp_path, field, value, match):
         tiny_unet(tmp_path, **{field: value}).validate()
 
 
-def test_bf16_autocast_channels_last_and_grad_clip_train(tmp_path):
-    train(tiny_fcn(tmp_path, steps=2, amp="bf16", channels_last=True, grad_clip=1.0),
-          progress=False, log=None)
+@pytest.mark.parametrize("options", [
+    dict(amp="bf16", channels_last=True, grad_clip=1.0),
+    dict(amp="fp16", grad_clip=1.0),                       # with the grad scaler
+    pytest.param(dict(compile=True), marks=pytest.mark.slow, id="compile"),
+], ids=["bf16-channels_last-clip", "fp16-scaler-clip", "compile"])
+def test_training_options_train(tmp_path, options):
+    train(tiny_fcn(tmp_path, steps=2, **options), progress=False, log=None)
     assert all(r["loss"] == r["loss"] for r in records(tmp_path))
+    state = ckpt.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert not any(k.startswith("_orig_mod") for k in state["model"])   # the plain module's
 
 
 # --- processes: DDP and the CLI ----------------------------------------------------------------
@@ -227,7 +233,7 @@ def test_cli_train_eval_predict(tmp_path):
     report = tmp_path / "eval.json"
     result = run(["-m", "fastseg", "eval", str(out / "checkpoints" / "last.pt"), "--json",
                   str(report), "--no-progress"])
-    assert "mean_iou" in result.stdout
+    assert "mean IoU" in result.stdout and "Rand error" in result.stdout
     metrics = json.loads(report.read_text())
     val = records(out, "val")[-1]
     assert metrics["mean_iou"] == pytest.approx(val["mean_iou"])   # eval == the run's validation

@@ -14,8 +14,10 @@ __all__ = ["evaluate", "load_model", "load_trained_model"]
 
 def evaluate(model: nn.Module, dataset, *, num_classes: int, ignore_index: int, mean, std,
              ctx: Context | None = None, max_pixels: int | None = None, amp: str = "none",
-             progress: bool = False) -> dict:
-    """Metrics of ``model`` on every image of ``dataset`` at its full size.
+             progress: bool = False, table: bool = False) -> dict:
+    """Metrics of ``model`` on every image of ``dataset`` at its full size (the
+    ConfusionMatrix's, "rand_error" for two classes, "images"; with ``table`` also "table",
+    the per-class text table named with the dataset's class_names).
 
     Under DDP each process takes every world_size-th image and the metrics are all-reduced,
     so every rank returns the same numbers (every rank must call this)."""
@@ -50,6 +52,8 @@ def evaluate(model: nn.Module, dataset, *, num_classes: int, ignore_index: int, 
             bar.close()
         model.train(was_training)
     metrics = matrix.compute()
+    if table:
+        metrics["table"] = matrix.table(getattr(dataset, "class_names", None))
     if rand is not None:
         metrics["rand_error"] = rand.compute()
     metrics["images"] = len(dataset)

@@ -196,9 +196,13 @@ class Trainer:
         if self.config.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        # fp16: the scaler skips a step whose gradients overflowed (and lowers its scale);
+        # the schedule advances with the optimizer's real steps only.
+        if scale is None or self.scaler.get_scale() >= scale:
+            self.scheduler.step()
         return loss.detach()
 
     def validate(self) -> dict:
