@@ -14,12 +14,13 @@ pytest.importorskip("PIL")
 pytest.importorskip("scipy")
 from conftest import HAS_CUDA  # noqa: E402
 from fastseg.engine.predict import (
-    _mirror_pad, _same_unet_radius, _unet_margin, max_pixels_for_memory, predict_logits,
+    _same_unet_radius, _unet_margin, max_pixels_for_memory, predict_logits,
     predict_mask, predict_probability,
 )
 from fastseg.engine.visualize import (
     IGNORE_COLOR, colorize, heatmap, overlay, palette, panel, plot_curves, save_png,
 )
+from fastseg.data.transforms import mirror_pad as _mirror_pad
 from fastseg.models import fcn8s, unet, unet_valid_input_size
 
 MEAN, STD = [0.4], [0.3]

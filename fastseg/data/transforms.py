@@ -157,10 +157,10 @@ def _happens(generator: torch.Generator, p: float) -> bool:
     return torch.rand((), generator=generator, dtype=torch.float64).item() < p
 
 
-def _reflect_index(n: int, before: int, after: int) -> torch.Tensor:
+def _reflect_index(n: int, before: int, after: int, device=None) -> torch.Tensor:
     """Source indices of a reflection padding (edge not repeated, like numpy's "reflect"),
     repeating the reflection when a pad is longer than the input."""
-    i = torch.arange(-before, n + after)
+    i = torch.arange(-before, n + after, device=device)
     if n == 1:
         return torch.zeros_like(i)
     period = 2 * (n - 1)
@@ -168,10 +168,13 @@ def _reflect_index(n: int, before: int, after: int) -> torch.Tensor:
     return torch.where(i < n, i, period - i)
 
 
-def _reflect_pad(image: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+def mirror_pad(image: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """``image`` (..., H, W) mirror-padded as ``np.pad(mode="reflect")`` (the border pixel is
+    the mirror axis, not repeated), the reflection repeated as far as the pads need: the
+    U-Net paper's overlap-tile border, shared by MirrorPad and inference."""
     h, w = image.shape[-2:]
-    rows = _reflect_index(h, top, bottom)
-    cols = _reflect_index(w, left, right)
+    rows = _reflect_index(h, top, bottom, image.device)
+    cols = _reflect_index(w, left, right, image.device)
     return image.index_select(-2, rows).index_select(-1, cols)
 
 
@@ -443,7 +446,7 @@ class _Crop(Transform):
         weight = sample.get("weight")
         return _replace(
             sample,
-            image=_reflect_pad(sample["image"], pads[2], pads[3], pads[0], pads[1]),
+            image=mirror_pad(sample["image"], pads[2], pads[3], pads[0], pads[1]),
             mask=F.pad(sample["mask"], pads, value=self.ignore_index),
             weight=None if weight is None else F.pad(weight, pads, value=0.0))
 
@@ -480,7 +483,7 @@ class MirrorPad(Transform):
     def __call__(self, sample, generator=None):
         _no_context(sample, "MirrorPad", "pad once")
         c = self.context
-        return _replace(sample, image=_reflect_pad(sample["image"], c, c, c, c))
+        return _replace(sample, image=mirror_pad(sample["image"], c, c, c, c))
 
 
 class IntensityJitter(Transform):

@@ -58,6 +58,7 @@ from numbers import Real
 import torch
 from torch import nn
 
+from fastseg.data.transforms import mirror_pad
 from fastseg.models.fcn import FCN
 from fastseg.models.unet import UNet, unet_output_size, unet_valid_input_size
 
@@ -320,25 +321,6 @@ def max_pixels_for_memory(model, memory_mib: float = DEFAULT_MEMORY_MIB, *,
 
 # --- inference -------------------------------------------------------------------------------
 
-def _reflect_indices(start: int, stop: int, n: int, device) -> torch.Tensor:
-    """Indices of positions start..stop-1 in an axis of n pixels mirrored at its border pixels
-    (np.pad mode="reflect"), repeating the reflection as far as needed."""
-    index = torch.arange(start, stop, device=device)
-    if n == 1:
-        return torch.zeros_like(index)
-    period = 2 * (n - 1)
-    index = index.remainder(period)
-    return torch.where(index >= n, period - index, index)
-
-
-def _mirror_pad(image: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
-    """(C, H, W) mirror-padded by the given amounts (any size, see _reflect_indices)."""
-    _, h, w = image.shape
-    rows = _reflect_indices(-top, h + bottom, h, image.device)
-    cols = _reflect_indices(-left, w + right, w, image.device)
-    return image.index_select(1, rows).index_select(2, cols)
-
-
 def _plan(where: str, model, height: int, width: int, tile, max_pixels, halo, dtype):
     """The tiling: (image padding (top, bottom, left, right), row plan, column plan, how much
     larger a model input is than its window: 2m for the valid U-Net, else 0)."""
@@ -443,7 +425,7 @@ def predict_logits(model: nn.Module, image: torch.Tensor, *, mean, std, tile=Non
             x = (x - torch.tensor(mean_values, dtype=work_dtype, device=device).view(shape)) \
                 / torch.tensor(std_values, dtype=work_dtype, device=device).view(shape)
             if any(padding):
-                x = _mirror_pad(x, *padding)
+                x = mirror_pad(x, *padding)
             x = x.to(param_dtype)
             result = torch.empty((model.num_classes, height, width), dtype=out_dtype)
             for r0, r1, keep_r0, keep_r1 in rows:
