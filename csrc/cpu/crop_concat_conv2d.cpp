@@ -268,11 +268,13 @@ void conv_rows(const ConvShape& shape, int64_t C, int64_t pixel_stride, int64_t 
       for (int64_t b = 0; b < blocks; ++b) {
         const T* wb = w_packed + b * K * K * C * CB;
         // Reduction chunks whose K x K x chunk x CB weights stay in L1 across the row's tiles;
-        // a reduction of one chunk is summed in groups of taps of about kTermsPerSum terms.
+        // a chunk is summed in groups of taps of at most about kTermsPerSum terms whatever the
+        // vector width (the chunk is half as wide in AVX-512: one group of all K * K taps there
+        // was 126 terms, and grad_x's float32 error went past twice eager's).
         for (int64_t c0 = 0; c0 < std::max<int64_t>(C, 1); c0 += chunk) {
           const int64_t c1 = std::min(C, c0 + chunk);
-          const int taps = C > chunk ? K * K
-                                     : static_cast<int>(std::clamp<int64_t>(kTermsPerSum / std::max<int64_t>(C, 1), 1, K * K));
+          const int taps = static_cast<int>(
+              std::clamp<int64_t>(kTermsPerSum / std::max<int64_t>(c1 - c0, 1), 1, K * K));
           for (int t0 = 0; t0 < K * K; t0 += taps) {
             const int t1 = std::min(K * K, t0 + taps);
             const bool accumulate = c0 > 0 || t0 > 0;
