@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -156,6 +157,11 @@ class Trainer:
         self.step = int(state["step"])
         self.best_miou = float(state["best_miou"])
         set_rng_state(state["rng"])
+        if int(state.get("world_size", 1)) != self.ctx.world_size:
+            warnings.warn(f"resuming a run of {state.get('world_size')} processes with "
+                          f"{self.ctx.world_size}: training continues, but the data shards and "
+                          f"batches differ from the interrupted run's (not an exact resume)",
+                          UserWarning, stacklevel=2)
         if self.step >= self.total_steps:
             raise ValueError(f"the checkpoint is at step {self.step}, the run has "
                              f"{self.total_steps} steps: nothing left to train (raise steps / "
