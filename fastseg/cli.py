@@ -167,10 +167,7 @@ def _eval_dataset(config, split: str):
 
     if split == "val":
         return build_datasets(config, train=False)[1]
-    train_set, _ = build_datasets(config)
-    val_twin = build_datasets(config, train=False)[1]
-    train_set.transform = None if val_twin is None else val_twin.transform   # resize only
-    return train_set
+    return build_datasets(config, augment=False)[0]
 
 
 def _cmd_eval(args) -> int:

@@ -367,3 +367,17 @@ def test_cli_eval_on_the_training_split(tmp_path):
     result = run(["-m", "fastseg", "eval", str(out / "checkpoints" / "last.pt"), "--split",
                   "train", "--no-progress"])
     assert "(train, 8 images)" in result.stdout
+
+
+def test_unaugmented_training_set_keeps_the_training_resize(tmp_path):
+    """`fastseg eval --split train` sees the training images at the training scale, without
+    augmentation: the same samples as the validation pipeline would give them."""
+    from fastseg.engine.build import build_datasets
+
+    config = tiny_unet(tmp_path, scale=0.5, synthetic_size=48)
+    plain, _ = build_datasets(config, augment=False)
+    augmented, _ = build_datasets(config)
+    sample = plain[3]
+    assert sample["image"].shape[-2:] == sample["mask"].shape == (24, 24)
+    assert torch.equal(plain[3]["image"], sample["image"])          # no random draw
+    assert augmented[3]["mask"].shape != sample["mask"].shape       # the crop / context

@@ -62,16 +62,17 @@ def _augmentations(config: TrainConfig):
     return steps
 
 
-def build_datasets(config: TrainConfig, *, train: bool = True):
+def build_datasets(config: TrainConfig, *, train: bool = True, augment: bool = True):
     """(train dataset or None, validation dataset). The training set carries the
-    augmentations and the crop; the validation set only the resize, at full image size
-    (validation runs through ``predict_logits``, which handles any size)."""
+    augmentations and the crop (``augment=False``: only the resize, as validation - for
+    evaluating on the training images); the validation set only the resize, at full image
+    size (validation runs through ``predict_logits``, which handles any size)."""
     from fastseg import data
     from fastseg.data import transforms as T
 
     resize = [T.Resize(scale=config.scale)] if config.scale != 1.0 else []
-    train_tf = T.Compose(resize + _augmentations(config)) if train else None
     val_tf = T.Compose(resize) if resize else None
+    train_tf = T.Compose(resize + _augmentations(config)) if train and augment else val_tf
     weight_map = {"w0": config.w0, "sigma": config.sigma} if config.weight_map else None
     kind = config.dataset
     if kind.startswith("synthetic-"):

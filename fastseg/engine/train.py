@@ -65,8 +65,10 @@ class Trainer:
         build.describe_data(config, self.train_set)
         if resume_state is not None:
             check_compatible(resume_state["config"], config.to_dict(), resume)
+            # The interrupted run's normalization, not one measured again.
             config.mean, config.std = resume_state["config"]["mean"], resume_state["config"]["std"]
-        config.mean, config.std = build.normalization(config, self.train_set)
+        else:
+            config.mean, config.std = build.normalization(config, self.train_set)
         if len(config.mean) != config.in_channels:
             raise ValueError(f"mean/std have {len(config.mean)} values but the images have "
                              f"{config.in_channels} channels")
