@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <array>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -65,6 +66,20 @@ inline void unroll(F&& f) {
 
 constexpr int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// The register tiles' accumulators are arrays of the raw vector type: an array of AVX-512
+// Vectorized objects gcc keeps on the stack (a load and a store around every FMA: the
+// AVX-512 kernels ran slower than the AVX2 ones), the raw __m512 it keeps in registers.
+#if defined(CPU_CAPABILITY_AVX512)
+template <typename T>
+using RawVector = std::conditional_t<std::is_same_v<T, float>, __m512, __m512d>;
+#elif defined(CPU_CAPABILITY_AVX2)
+template <typename T>
+using RawVector = std::conditional_t<std::is_same_v<T, float>, __m256, __m256d>;
+#else
+template <typename T>
+using RawVector = Vectorized<T>;
+#endif
+
 // out[p][j] (+)= sum over taps t = ky * K + kx in [t0, t1) and reduction channels c in
 // [c0, c1) of  rows[ky][(x0 + p + kx) * pixel_stride + c] * w[(t * C + c) * CB + j]
 // for PIX pixels and CB = NV * vector-size lanes. The sum starts from zero and is added to
@@ -73,12 +88,13 @@ constexpr int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // Not inlined (nor wgrad_tile): inside the callers' loop nests gcc runs out of registers
 // and keeps the accumulators on the stack (seen: 2x slower).
 template <typename T, int K, int PIX, int NV>
-C10_NOINLINE void conv_tile(const T* const* rows, int64_t pixel_stride, int64_t x0, int64_t C, int64_t c0, int64_t c1,
+C10_NOINLINE __attribute__((flatten)) void conv_tile(const T* const* rows, int64_t pixel_stride, int64_t x0, int64_t C, int64_t c0, int64_t c1,
                       int t0, int t1, const T* w, T* out, bool accumulate) {
   using V = Vectorized<T>;
+  using R = RawVector<T>;
   constexpr int VS = V::size(), CB = NV * VS;
-  V acc[PIX][NV];
-  unroll<PIX>([&](auto p) { unroll<NV>([&](auto j) { acc[p][j] = V(T(0)); }); });
+  R acc[PIX][NV];
+  unroll<PIX>([&](auto p) { unroll<NV>([&](auto j) { acc[p][j] = R(V(T(0))); }); });
   for (int t = t0; t < t1; ++t) {
     const int ky = t / K, kx = t % K;
     const T* a = rows[ky] + (x0 + kx) * pixel_stride;
@@ -88,30 +104,31 @@ C10_NOINLINE void conv_tile(const T* const* rows, int64_t pixel_stride, int64_t 
       unroll<NV>([&](auto j) { b[j] = V::loadu(wt + c * CB + j * VS); });
       unroll<PIX>([&](auto p) {
         const V av(a[p * pixel_stride + c]);
-        unroll<NV>([&](auto j) { acc[p][j] = at::vec::fmadd(av, b[j], acc[p][j]); });
+        unroll<NV>([&](auto j) { acc[p][j] = R(at::vec::fmadd(av, b[j], V(acc[p][j]))); });
       });
     }
   }
   unroll<PIX>([&](auto p) {
     unroll<NV>([&](auto j) {
       T* to = out + p * CB + j * VS;
-      (accumulate ? V::loadu(to) + acc[p][j] : acc[p][j]).store(to);
+      (accumulate ? V::loadu(to) + V(acc[p][j]) : V(acc[p][j])).store(to);
     });
   });
 }
 
 // acc[i][j] += sum over rows r < rows and x < width of
 //   a_rows[r][a_offset + x * a_stride + i] * g_rows[r][g_offset + x * g_stride + j]:
-// one tap's (6 input channels) x (CB output channels) tile of the weight gradient over a block
+// one tap's (CI input channels) x (CB output channels) tile of the weight gradient over a block
 // of rows (several rows per call: at the deep levels a row is only a few dozen pixels).
-template <typename T, int NV>
-C10_NOINLINE void wgrad_tile(const T* const* a_rows, int64_t a_offset, int64_t a_stride, const T* const* g_rows,
+template <typename T, int CI, int NV>
+C10_NOINLINE __attribute__((flatten)) void wgrad_tile(const T* const* a_rows, int64_t a_offset, int64_t a_stride, const T* const* g_rows,
                              int64_t g_offset, int64_t g_stride, int rows, int64_t width, T* acc_out,
                              int64_t acc_stride) {
   using V = Vectorized<T>;
-  constexpr int VS = V::size(), CI = 6;
-  V acc[CI][NV];
-  unroll<CI>([&](auto i) { unroll<NV>([&](auto j) { acc[i][j] = V(T(0)); }); });
+  using R = RawVector<T>;
+  constexpr int VS = V::size();
+  R acc[CI][NV];
+  unroll<CI>([&](auto i) { unroll<NV>([&](auto j) { acc[i][j] = R(V(T(0))); }); });
   for (int r = 0; r < rows; ++r) {
     const T* a = a_rows[r] + a_offset;
     const T* g = g_rows[r] + g_offset;
@@ -120,7 +137,7 @@ C10_NOINLINE void wgrad_tile(const T* const* a_rows, int64_t a_offset, int64_t a
       unroll<NV>([&](auto j) { b[j] = V::loadu(g + x * g_stride + j * VS); });
       unroll<CI>([&](auto i) {
         const V av(a[x * a_stride + i]);
-        unroll<NV>([&](auto j) { acc[i][j] = at::vec::fmadd(av, b[j], acc[i][j]); });
+        unroll<NV>([&](auto j) { acc[i][j] = R(at::vec::fmadd(av, b[j], V(acc[i][j]))); });
       });
     }
   }
@@ -128,7 +145,7 @@ C10_NOINLINE void wgrad_tile(const T* const* a_rows, int64_t a_offset, int64_t a
   unroll<CI>([&](auto i) {
     unroll<NV>([&](auto j) {
       T* to = acc_out + i * acc_stride + j * VS;
-      (V::loadu(to) + acc[i][j]).store(to);
+      (V::loadu(to) + V(acc[i][j])).store(to);
     });
   });
 }
@@ -342,19 +359,28 @@ at::Tensor pack_weight(const at::Tensor& weight, int64_t CB, bool transposed) {
   const int64_t cout = weight.size(0), cin = weight.size(1);
   const int64_t lanes = transposed ? cin : cout, reduction = transposed ? cout : cin;
   const int64_t blocks = (lanes + CB - 1) / CB;
-  at::Tensor packed = at::zeros({blocks * K * K * reduction * CB}, weight.options());
+  at::Tensor packed = at::empty({blocks * K * K * reduction * CB}, weight.options());
   T* out = packed.data_ptr<T>();
   const T* w = weight.const_data_ptr<T>();
   const Strided4 s(weight);
-  for (int64_t l = 0; l < lanes; ++l)
-    for (int64_t r = 0; r < reduction; ++r)
-      for (int ky = 0; ky < K; ++ky)
-        for (int kx = 0; kx < K; ++kx) {
-          const int64_t co = transposed ? r : l, ci = transposed ? l : r;
-          const int64_t wy = transposed ? K - 1 - ky : ky, wx = transposed ? K - 1 - kx : kx;
-          out[(((l / CB) * K * K + ky * K + kx) * reduction + r) * CB + l % CB] =
-              w[co * s.n + ci * s.c + wy * s.h + wx * s.w];
-        }
+  // In the packed order, one (block, tap) per task: at the deep levels this runs on every call
+  // and a scattered scalar loop over the weight took a third of the forward's time.
+  at::parallel_for(0, blocks * K * K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task / (K * K), ky = task % (K * K) / K, kx = task % K;
+      const int64_t wy = transposed ? K - 1 - ky : ky, wx = transposed ? K - 1 - kx : kx;
+      const int64_t used = std::min(CB, lanes - block * CB);
+      const T* tap = w + wy * s.h + wx * s.w;
+      // lane l and reduction channel r: weight (co, ci) = (l, r), transposed (r, l)
+      const int64_t lane_stride = transposed ? s.c : s.n, reduction_stride = transposed ? s.n : s.c;
+      T* dst = out + task * reduction * CB;
+      for (int64_t r = 0; r < reduction; ++r, dst += CB) {
+        const T* src = tap + r * reduction_stride + block * CB * lane_stride;
+        for (int64_t j = 0; j < used; ++j) dst[j] = src[j * lane_stride];
+        std::fill(dst + used, dst + CB, T(0));
+      }
+    }
+  });
   return packed;
 }
 
@@ -367,14 +393,22 @@ TwoSources<T> two_sources(const at::Tensor& crop, const at::Tensor& x) {
           x.size(3)};
 }
 
+// AVX-512 has 32 vector registers, AVX2 16: the register tiles are twice as large there.
+template <typename T>
+constexpr bool kWideRegisterFile = Vectorized<T>::size() * sizeof(T) == 64;
+// The widest pixel tile (rows are padded to a multiple of it).
+constexpr int64_t kMaxTilePixels = 24;
+
 // Picks the register tile from the number of output lanes: narrow outputs (at most one
-// vector) take 12 pixels x 1 vector, the rest 6 pixels x 2 vectors.
+// vector) take 12 pixels x 1 vector, the rest 6 pixels x 2 vectors (12 accumulators); twice
+// the pixels with AVX-512 (24 accumulators + the weights + a broadcast of 32 registers).
 template <typename T, typename F>
 void with_tile(int64_t lanes, F&& f) {
+  constexpr int scale = kWideRegisterFile<T> ? 2 : 1;
   if (lanes <= Vectorized<T>::size()) {
-    f(std::integral_constant<int, 12>{}, std::integral_constant<int, 1>{});
+    f(std::integral_constant<int, 12 * scale>{}, std::integral_constant<int, 1>{});
   } else {
-    f(std::integral_constant<int, 6>{}, std::integral_constant<int, 2>{});
+    f(std::integral_constant<int, 6 * scale>{}, std::integral_constant<int, 2>{});
   }
 }
 
@@ -400,7 +434,7 @@ void forward_typed(const at::Tensor& crop, const at::Tensor& x, const at::Tensor
       constexpr int PIX = decltype(pix_)::value, NV = decltype(nv_)::value;
       const int64_t CB = NV * Vectorized<T>::size();
       const at::Tensor w = pack_weight<T, K>(weight, CB, /*transposed=*/false);
-      const int64_t width = round_up(shape.out_w, PIX) + K - 1;
+      const int64_t width = round_up(shape.out_w, kMaxTilePixels) + K - 1;
       conv_rows<T, K, PIX, NV>(shape, C, C, cout, w.const_data_ptr<T>(), outputs,
                                [&] { return PackedRows<T, K>(&in, padding, 0, C, C, width); });
     });
@@ -418,9 +452,9 @@ void backward_typed(const at::Tensor& grad_output, const at::Tensor& output, con
   const int64_t Ho = grad_output.size(2), Wo = grad_output.size(3);
   const int64_t border = k - 1 - padding;  // the transposed convolution's padding
   // The masked gradient G in (n, y, x, channel) order, Cout padded to whole vector pairs,
-  // with `border` zero rows and columns around it and room for whole 12-pixel tiles.
+  // with `border` zero rows and columns around it and room for whole pixel tiles.
   const int64_t cg = round_up(std::max<int64_t>(cout, 1), 2 * VS);
-  const int64_t hg = Ho + 2 * border, wg = round_up(W, 12) + k - 1;
+  const int64_t hg = Ho + 2 * border, wg = round_up(W, kMaxTilePixels) + k - 1;
   at::Tensor g = at::zeros({N, hg, wg, cg}, grad_output.options());
   {
     T* gd = g.data_ptr<T>();
@@ -434,17 +468,31 @@ void backward_typed(const at::Tensor& grad_output, const at::Tensor& output, con
         T* row = gd + ((n * hg + y + border) * wg + border) * cg;
         const T* gy = go + n * sg.n + y * sg.h;
         const T* oy = od + n * so.n + y * so.h;
-        // ReLU: the gradient passes where the output is positive (threshold_backward).
-        auto masked = [&](int64_t c, int64_t xx) {
-          const T v = gy[c * sg.c + xx * sg.w];
-          return !relu || oy[c * so.c + xx * so.w] > T(0) ? v : T(0);
+        // ReLU: the gradient passes where the output is positive (threshold_backward). Both
+        // values are loaded and one selected, without a branch: a branch on the mask of a
+        // random sign pattern mispredicts half the time (this copy took a third of the
+        // backward at the deep levels).
+        const auto copy = [&](auto relu_) {
+          const auto masked = [&](int64_t c, int64_t xx) {
+            const T v = gy[c * sg.c + xx * sg.w];
+            if constexpr (decltype(relu_)::value) {
+              return oy[c * so.c + xx * so.w] > T(0) ? v : T(0);
+            } else {
+              return v;
+            }
+          };
+          if (sg.c == 1 && so.c == 1) {  // channels_last: both runs contiguous
+            for (int64_t xx = 0; xx < Wo; ++xx)
+              for (int64_t c = 0; c < cout; ++c) row[xx * cg + c] = masked(c, xx);
+          } else {
+            for (int64_t c = 0; c < cout; ++c)
+              for (int64_t xx = 0; xx < Wo; ++xx) row[xx * cg + c] = masked(c, xx);
+          }
         };
-        if (sg.c == 1 && so.c == 1) {  // channels_last: both runs contiguous
-          for (int64_t xx = 0; xx < Wo; ++xx)
-            for (int64_t c = 0; c < cout; ++c) row[xx * cg + c] = masked(c, xx);
+        if (relu) {
+          copy(std::true_type{});
         } else {
-          for (int64_t c = 0; c < cout; ++c)
-            for (int64_t xx = 0; xx < Wo; ++xx) row[xx * cg + c] = masked(c, xx);
+          copy(std::false_type{});
         }
       }
     });
@@ -466,15 +514,16 @@ void backward_typed(const at::Tensor& grad_output, const at::Tensor& output, con
                                [&] { return g_rows; });
     });
 
-    // Grad weight: tasks of (6 * kChannelTiles input channels) x (a slice of output channels).
+    // Grad weight: tasks of CIB input channels x (a slice of output channels), in register
+    // tiles of CI input channels (12 with AVX-512's 32 registers, 6 with AVX2's 16).
     const auto wgrad = [&](auto nv_) {
-      constexpr int NV = decltype(nv_)::value;
-      constexpr int64_t CB = NV * VS, kChannelTiles = 2, CIB = 6 * kChannelTiles;
+      constexpr int NV = decltype(nv_)::value, CI = kWideRegisterFile<T> ? 12 : 6;
+      constexpr int64_t CB = NV * VS, CIB = 12, kChannelTiles = CIB / CI;
       constexpr int kRowBlock = 8;
       const int64_t slice = std::min<int64_t>(round_up(cout, CB), 4 * CB);
       const int64_t ci_blocks = (cin + CIB - 1) / CIB, co_slices = (round_up(cout, CB) + slice - 1) / slice;
       const TwoSources<T> in = two_sources<T>(crop, x);
-      const int64_t width = round_up(Wo, 12) + K - 1;
+      const int64_t width = round_up(Wo, kMaxTilePixels) + K - 1;
       T* gw = grad_weight.data_ptr<T>();  // contiguous (Cout, Cin, K, K)
       at::parallel_for(0, ci_blocks * co_slices, 1, [&](int64_t begin, int64_t end) {
         std::vector<T> acc(K * K * CIB * slice);
@@ -500,8 +549,8 @@ void backward_typed(const at::Tensor& grad_output, const at::Tensor& output, con
                 for (int kx = 0; kx < K; ++kx)
                   for (int64_t t = 0; t < kChannelTiles; ++t)
                     for (int64_t cb = 0; cb < co_lanes; cb += CB)
-                      wgrad_tile<T, NV>(a_rows[ky], kx * CIB + 6 * t, CIB, grad_rows, cb, cg, block, Wo,
-                                        acc.data() + ((ky * K + kx) * CIB + 6 * t) * slice + cb, slice);
+                      wgrad_tile<T, CI, NV>(a_rows[ky], kx * CIB + CI * t, CIB, grad_rows, cb, cg, block, Wo,
+                                            acc.data() + ((ky * K + kx) * CIB + CI * t) * slice + cb, slice);
             }
           }
           for (int64_t co = 0; co < co_count; ++co)
