@@ -24,6 +24,10 @@
 #               draw any of them with `fastseg bench --from-json`. The U-Net suite runs without
 #               compile-max-autotune here (minutes of autotuning per problem; see
 #               GPU_CHECK_CCC_PROVIDERS)
+#   bench-models  `fastseg bench --ops models` on the issue's problems (FCN-8s VGG16 512x512
+#               batch 8, U-Net valid 572 batch 4, U-Net same 512 batch 8; training steps in
+#               bf16 autocast; fastseg vs eager vs torch.compile, as many runs as its time
+#               allows) -> $OUT/bench/models (results.json; results.md into logs.tar.gz)
 #   train-gpu   `fastseg demo --quick` and a bf16 / channels_last `fastseg train` on the GPU
 #               (issue 6's engine end to end; logs and pictures in logs.tar.gz)
 #   sanitizer   under compute-sanitizer --tool memcheck (skipped if absent), each op test file
@@ -42,9 +46,11 @@
 #   gpu_check.log     every step's log one after the other (each cut to its last 3000 lines)
 #   logs.tar.gz       the full logs/<step>.log files and pytest's junit XML
 #   bench/results.json, bench/results.md                                  (cross-entropy)
-#   bench/upsample_add/results.json, bench/upsample_add/results.md        (FCN decoder)
+#   bench/upsample_add/results.json                                       (FCN decoder)
 #   bench/crop_concat_conv/results.json                                   (U-Net decoder)
-# (logs.tar.gz also holds bench/cross_entropy.png and bench/crop_concat_conv/results.md.)
+#   bench/models/results.json                                             (whole models)
+# (logs.tar.gz also holds bench/cross_entropy.png and the results.md of the FCN decoder, the
+# U-Net decoder and the models.)
 # (GPU_CHECK_KEEP_LOGS=1 keeps the logs/ folder as well.)
 #
 # Knobs: PYTHON (default python3), GPU_CHECK_BUDGET_S, GPU_CHECK_STEPS (a subset, e.g.
@@ -56,7 +62,8 @@
 # GPU_CHECK_SANITIZER_TESTS (pytest arguments under memcheck, run in one process instead of
 # OP_TESTS, e.g. -m "cuda and not slow" tests/), FASTSEG_GIT_COMMIT (the commit
 # measured, recorded in the JSON: the machine's copy of the tree may have no .git),
-# TORCH_CUDA_ARCH_LIST (default 9.0).
+# GPU_CHECK_MODELS_ARGS (the models suite's selection; default the three training problems
+# in bf16 with the fastseg, eager and compile providers), TORCH_CUDA_ARCH_LIST (default 9.0).
 
 set -u
 cd "$(dirname "$0")/.." || exit 2
@@ -83,6 +90,7 @@ fi
 export FASTSEG_GIT_COMMIT
 export GPU_CHECK_BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-}
 export GPU_CHECK_BENCH_QUICK=${GPU_CHECK_BENCH_QUICK:-1}
+export GPU_CHECK_MODELS_ARGS=${GPU_CHECK_MODELS_ARGS-"--shapes fcn8s-train,unet-valid-train,unet-same-train --dtypes bfloat16 --providers eager,fastseg,compile --no-plot"}
 export GPU_CHECK_SANITIZER_TESTS=${GPU_CHECK_SANITIZER_TESTS:-}
 export GPU_CHECK_CCC_PROVIDERS=${GPU_CHECK_CCC_PROVIDERS-fastseg-cuda,fastseg-triton,fastseg-triton-views,reference,eager,compile,eager-cat-only,conv-only}
 # crop_concat_conv2d's Triton kernels run their shipped configs here: autotuning compiles and
@@ -266,6 +274,24 @@ step_bench() {
     return "$rc"
 }
 
+step_bench_models() {
+    # The issue's whole-model training steps (not --quick: those are toy sizes); --max-time
+    # stops new runs ~35 s before the step's end (a compile run is the slowest part).
+    local limit=${STEP_TIMEOUT:-150} share rc
+    share=$(( limit - 35 ))
+    [ "$share" -lt 15 ] && share=15
+    bench_cmd
+    echo "+ [${share}s] ${BENCH[*]} --device cuda --ops models $GPU_CHECK_MODELS_ARGS --out $OUT/bench/models --max-time $share"
+    # shellcheck disable=SC2086
+    timeout --kill-after=5 "$(( limit - 5 ))" "${BENCH[@]}" --device cuda --ops models \
+        $GPU_CHECK_MODELS_ARGS --out "$OUT/bench/models" --max-time "$share"
+    rc=$?
+    case $rc in
+        124|137) echo "!! the models run overran the step and was stopped"; rc=1 ;;
+    esac
+    return "$rc"
+}
+
 sanitize_pytest() {
     # sanitize_pytest JUNIT "PYTEST ARGS": pytest under memcheck, the arguments one string
     # (quotes in it are honoured); exit 86 = memory errors found.
@@ -363,7 +389,7 @@ step_test_all() {
 }
 
 export -f pytest_args run_pytest step_env step_build step_test_cuda step_triton_gpu bench_cmd \
-    step_bench step_train_gpu sanitize_pytest step_sanitizer step_test_all
+    step_bench step_bench_models step_train_gpu sanitize_pytest step_sanitizer step_test_all
 
 # name, function, cap (s), least time it needs (s): the later steps' least times are held
 # back from each step's timeout so that every step gets its turn within the budget.
@@ -373,11 +399,12 @@ build      step_build       240  60
 test-cuda  step_test_cuda   180  40
 triton-gpu step_triton_gpu  60   20
 bench      step_bench       210  80
+bench-models step_bench_models 150 50
 train-gpu  step_train_gpu   60   15
 sanitizer  step_sanitizer   120  30
 test-all   step_test_all    120  30
 "
-WANTED=${GPU_CHECK_STEPS:-env build test-cuda triton-gpu bench train-gpu sanitizer test-all}
+WANTED=${GPU_CHECK_STEPS:-env build test-cuda triton-gpu bench bench-models train-gpu sanitizer test-all}
 
 names=(); funcs=(); caps=(); mins=()
 while read -r name func cap min; do
@@ -445,11 +472,15 @@ total=$(( $(date +%s) - START ))
     done
 } > "$OUT/gpu_check.log"
 
-# At most 8 files in $OUT: the cross-entropy chart and the U-Net suite's markdown (its records
-# are in its results.json, its tables in gpu_check.log) travel in logs.tar.gz.
-CCC_MD=$(mktemp 2>/dev/null || echo "/tmp/gpu_check_ccc.$$.md")
-cp "$OUT/bench/crop_concat_conv/results.md" "$CCC_MD" 2>/dev/null || rm -f "$CCC_MD"
-for f in bench/cross_entropy.png bench/crop_concat_conv/results.md bench/crop_concat_conv/crop_concat_conv.png; do
+# At most 8 files in $OUT: the cross-entropy chart and the markdown of the FCN decoder, the
+# U-Net decoder and the models suites (their records are in their results.json, their tables
+# printed below and in gpu_check.log) travel in logs.tar.gz.
+MD_COPIES=$(mktemp -d 2>/dev/null || { mkdir -p "/tmp/gpu_check_md.$$" && echo "/tmp/gpu_check_md.$$"; })
+for suite in upsample_add crop_concat_conv models; do
+    cp "$OUT/bench/$suite/results.md" "$MD_COPIES/$suite.md" 2>/dev/null
+done
+for f in bench/cross_entropy.png bench/upsample_add/results.md bench/crop_concat_conv/results.md \
+        bench/crop_concat_conv/crop_concat_conv.png bench/models/results.md bench/models/models.png; do
     if [ -f "$OUT/$f" ]; then
         mkdir -p "$LOGS/$(dirname "$f")" && mv "$OUT/$f" "$LOGS/$f"
     fi
@@ -472,20 +503,29 @@ for i in "${!statuses[@]}"; do
             ;;
     esac
 done
-for md in "$OUT/bench/results.md" "$OUT/bench/upsample_add/results.md" "$CCC_MD"; do
+for md in "$OUT/bench/results.md" "$MD_COPIES/upsample_add.md" "$MD_COPIES/crop_concat_conv.md" \
+        "$MD_COPIES/models.md"; do
     [ -f "$md" ] || continue
     echo
-    label=${md#"$OUT"/}
-    [ "$md" = "$CCC_MD" ] && label="bench/crop_concat_conv/results.md, in logs.tar.gz"
+    case $md in
+        "$MD_COPIES"/*) label="bench/$(basename "$md" .md)/results.md, in logs.tar.gz" ;;
+        *) label=${md#"$OUT"/} ;;
+    esac
+    case $md in
+        */models.md)
+            echo "----- bench: models, speedup and peak memory vs eager (from $label) -----"
+            awk '/^### models: speedup/ {p = 1} /^### / && !/^### models: speedup/ {p = 0} p' "$md" | head -30
+            continue ;;
+    esac
     echo "----- bench: full step (from $label) -----"
     awk '/^### full step/ {p = 1} /^### / && !/^### full step/ {p = 0} p' "$md" | head -40
     case $md in
-        "$CCC_MD")
+        */crop_concat_conv.md)
             echo "----- bench: U-Net decoder targets -----"
             awk '/^### targets/ {p = 1} /^### / && !/^### targets/ {p = 0} p' "$md" | head -30 ;;
     esac
 done
-rm -f "$CCC_MD"
+rm -rf "$MD_COPIES"
 echo
 cat "$OUT/summary.txt"
 echo "outputs in $OUT: $(cd "$OUT" && find . -type f | sed 's|^\./||' | sort | tr '\n' ' ')"
