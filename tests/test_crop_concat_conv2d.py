@@ -133,6 +133,10 @@ GEOMETRY_CASES = [
     ("odd-both", 1, 2, 3, 3, (12, 9), (7, 4)),       # offset (2, 2), both differences odd
     ("odd-W-only", 1, 2, 2, 2, (7, 11), (7, 6)),     # offset (0, 2)
     ("1xN", 1, 2, 2, 3, (5, 12), (3, 9)),            # H = 3: the smallest valid 3x3-p0 input
+    # more output channels than one vector (the CPU kernel's channel-vectorized tile; narrower
+    # outputs take its pixel-vectorized one), for the forward and the input gradient
+    ("wide", 2, 19, 21, 37, (13, 12), (9, 8)),
+    ("wide-out", 1, 5, 6, 35, (10, 11), (8, 7)),
 ]
 # these run every (bias, activation) combination too
 OPTION_CASES = [
@@ -181,6 +185,7 @@ def test_matches_eager_float64(device, backend, k, padding, with_bias, activatio
 FLOAT32_CASES = [
     ("unet-l3-like", 2, 16, 16, 8, (26, 26), (20, 20)),
     ("odd", 1, 12, 20, 16, (23, 19), (16, 14)),
+    ("wide", 1, 24, 24, 40, (18, 18), (14, 14)),
 ]
 
 

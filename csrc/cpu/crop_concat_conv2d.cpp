@@ -150,6 +150,43 @@ C10_NOINLINE __attribute__((flatten)) void wgrad_tile(const T* const* a_rows, in
   });
 }
 
+// The pixel-vectorized tile, for narrow outputs (at most one vector of output channels: the
+// top U-Net levels). There the channel-vectorized tile broadcasts one input value per FMA and
+// is bound by loads (and with 8 output channels AVX-512 leaves half of each vector empty);
+// here the lanes hold PV vectors of consecutive pixels of OC output channels, so per
+// (tap, reduction channel) PV input loads and OC weight broadcasts feed OC x PV FMAs:
+// out[o * out_plane + x0 + i] (+)= sum over taps t in [t0, t1), channels c in [c0, c1) of
+//   rows[ky][c * plane + x0 + i + kx] * w[(t * C + c) * OC + o]          (i < PV * VS, o < OC)
+template <typename T, int K, int OC, int PV>
+C10_NOINLINE __attribute__((flatten)) void planar_tile(const T* const* rows, int64_t plane, int64_t x0, int64_t C,
+                                                       int64_t c0, int64_t c1, int t0, int t1, const T* w, T* out,
+                                                       int64_t out_plane, bool accumulate) {
+  using V = Vectorized<T>;
+  using R = RawVector<T>;
+  constexpr int VS = V::size();
+  R acc[OC][PV];
+  unroll<OC>([&](auto o) { unroll<PV>([&](auto i) { acc[o][i] = R(V(T(0))); }); });
+  for (int t = t0; t < t1; ++t) {
+    const int ky = t / K, kx = t % K;
+    const T* a = rows[ky] + x0 + kx;
+    const T* wt = w + t * C * OC;
+    for (int64_t c = c0; c < c1; ++c) {
+      V in[PV];
+      unroll<PV>([&](auto i) { in[i] = V::loadu(a + c * plane + i * VS); });
+      unroll<OC>([&](auto o) {
+        const V wv(wt[c * OC + o]);
+        unroll<PV>([&](auto i) { acc[o][i] = R(at::vec::fmadd(in[i], wv, V(acc[o][i]))); });
+      });
+    }
+  }
+  unroll<OC>([&](auto o) {
+    unroll<PV>([&](auto i) {
+      T* to = out + o * out_plane + x0 + i * VS;
+      (accumulate ? V::loadu(to) + V(acc[o][i]) : V(acc[o][i])).store(to);
+    });
+  });
+}
+
 // The reduction's input: the crop window and x, C = Cs + Cx channels (N, C, H, W), any strides.
 template <typename T>
 struct TwoSources {
@@ -214,11 +251,11 @@ struct Outputs {
   bool relu;
 };
 
-// Writes lanes [0, count) of a row buffer (rowbuf[x * CB + j] is channel c0 + j of column x)
-// into the destinations, bias and ReLU applied.
+// Writes lanes [0, count) of a row buffer (rowbuf[x * x_stride + j * lane_stride] is channel
+// c0 + j of column x) into the destinations, bias and ReLU applied.
 template <typename T>
 void write_row(const Outputs<T>& o, int64_t n, int64_t y, int64_t width, int64_t c0, int64_t count,
-               const T* rowbuf, int64_t CB) {
+               const T* rowbuf, int64_t x_stride, int64_t lane_stride) {
   for (int d = 0; d < o.ndst; ++d) {
     const Destination<T>& dst = o.dst[d];
     const int64_t lo = std::max(c0, dst.begin), hi = std::min(c0 + count, dst.begin + dst.count);
@@ -229,9 +266,9 @@ void write_row(const Outputs<T>& o, int64_t n, int64_t y, int64_t width, int64_t
       constexpr bool relu = decltype(relu_)::value;
       using V = Vectorized<T>;
       constexpr int64_t VS = V::size();
-      if (s.c == 1) {  // a pixel's channels are one run: vectors of lanes
+      if (s.c == 1 && lane_stride == 1) {  // a pixel's channels are one run: vectors of lanes
         for (int64_t x = 0; x < width; ++x) {
-          const T* from = rowbuf + x * CB + (lo - c0);
+          const T* from = rowbuf + x * x_stride + (lo - c0);
           T* to = base + x * s.w;
           for (int64_t c = 0; c < hi - lo; c += VS) {
             const int64_t m = std::min(VS, hi - lo - c);
@@ -245,9 +282,9 @@ void write_row(const Outputs<T>& o, int64_t n, int64_t y, int64_t width, int64_t
         for (int64_t c = lo; c < hi; ++c) {
           const T bias = o.bias ? o.bias[c] : T(0);
           T* to = base + (c - lo) * s.c;
-          const T* from = rowbuf + (c - c0);
+          const T* from = rowbuf + (c - c0) * lane_stride;
           for (int64_t x = 0; x < width; ++x) {
-            const T v = from[x * CB] + bias;
+            const T v = from[x * x_stride] + bias;
             to[x * s.w] = relu && v < T(0) ? T(0) : v;
           }
         }
@@ -261,87 +298,160 @@ void write_row(const Outputs<T>& o, int64_t n, int64_t y, int64_t width, int64_t
   }
 }
 
-// The rows a pass reads: row(n, r, slot) returns the (pixel, channel) row r (0-based over the
-// padded input) of image n, possibly packing it into ring slot `slot`.
-// Runs conv_tile over every output row: out(n, y) = sum over ky of rows(n, y + ky) (*) w.
-template <typename T, int K, int PIX, int NV, typename RowSource>
-void conv_rows(const ConvShape& shape, int64_t C, int64_t pixel_stride, int64_t out_channels, const T* w_packed,
-               const Outputs<T>& outputs, const RowSource& make_source) {
+// Calls f(c0, c1, t0, t1, accumulate) for the groups a reduction over C channels x K x K taps
+// is summed in: chunks of channels whose K x K x chunk weights of `lane_bytes` each stay in L1
+// across a row's tiles, each chunk in groups of taps of at most about kTermsPerSum terms
+// whatever the vector width (one group of all K * K taps of AVX-512's half-width chunk was 126
+// terms, and grad_x's float32 error went past twice eager's). The first group starts the sum.
+template <int K, typename F>
+inline void for_each_reduction_group(int64_t C, int64_t lane_bytes, F&& f) {
+  constexpr int64_t kL1Weights = 16384, kTermsPerSum = 96;
+  const int64_t chunk = std::max<int64_t>(8, kL1Weights / (K * K * lane_bytes));
+  for (int64_t c0 = 0; c0 < std::max<int64_t>(C, 1); c0 += chunk) {
+    const int64_t c1 = std::min(C, c0 + chunk);
+    const int taps = static_cast<int>(std::clamp<int64_t>(kTermsPerSum / std::max<int64_t>(c1 - c0, 1), 1, K * K));
+    for (int t0 = 0; t0 < K * K; t0 += taps) f(c0, c1, t0, std::min(K * K, t0 + taps), c0 > 0 || t0 > 0);
+  }
+}
+
+// One output row's tiles of the channel-vectorized kernel (rowbuf[x * CB + j]).
+template <typename T, int K, int PIX, int NV>
+void channel_tiles(const T* const* rows, int64_t pixel_stride, int64_t out_w, int64_t C, int64_t c0, int64_t c1,
+                   int t0, int t1, const T* w, T* rowbuf, bool accumulate) {
   constexpr int64_t CB = NV * Vectorized<T>::size();
-  const int64_t blocks = (out_channels + CB - 1) / CB;
+  int64_t x0 = 0;
+  for (; x0 + PIX <= out_w; x0 += PIX)
+    conv_tile<T, K, PIX, NV>(rows, pixel_stride, x0, C, c0, c1, t0, t1, w, rowbuf + x0 * CB, accumulate);
+  // The row's last pixels in a narrower tile (PIX / 3 or 2 PIX / 3 wide) rather than a whole
+  // one: up to 5 of 6 pixels would be computed for nothing (W = 32: 11%).
+  const int64_t rest = out_w - x0;
+  T* out = rowbuf + x0 * CB;
+  if (rest <= 0) return;
+  if (rest <= PIX / 3) {
+    conv_tile<T, K, PIX / 3, NV>(rows, pixel_stride, x0, C, c0, c1, t0, t1, w, out, accumulate);
+  } else if (rest <= 2 * PIX / 3) {
+    conv_tile<T, K, 2 * PIX / 3, NV>(rows, pixel_stride, x0, C, c0, c1, t0, t1, w, out, accumulate);
+  } else {
+    conv_tile<T, K, PIX, NV>(rows, pixel_stride, x0, C, c0, c1, t0, t1, w, out, accumulate);
+  }
+}
+
+// One output row's tiles of the pixel-vectorized kernel (rowbuf[o * out_plane + x]); the
+// row's last pixels in 1 or 2 vectors when fewer are left.
+template <typename T, int K, int OC, int PV>
+void planar_tiles(const T* const* rows, int64_t plane, int64_t out_w, int64_t C, int64_t c0, int64_t c1, int t0,
+                  int t1, const T* w, T* rowbuf, int64_t out_plane, bool accumulate) {
+  constexpr int64_t VS = Vectorized<T>::size();
+  int64_t x0 = 0;
+  for (; x0 + PV * VS <= out_w; x0 += PV * VS)
+    planar_tile<T, K, OC, PV>(rows, plane, x0, C, c0, c1, t0, t1, w, rowbuf, out_plane, accumulate);
+  const int64_t rest = out_w - x0;
+  if (rest <= 0) return;
+  if (rest <= VS) {
+    planar_tile<T, K, OC, 1>(rows, plane, x0, C, c0, c1, t0, t1, w, rowbuf, out_plane, accumulate);
+  } else if (rest <= 2 * VS) {
+    planar_tile<T, K, OC, std::min(2, PV)>(rows, plane, x0, C, c0, c1, t0, t1, w, rowbuf, out_plane, accumulate);
+  } else {
+    planar_tile<T, K, OC, PV>(rows, plane, x0, C, c0, c1, t0, t1, w, rowbuf, out_plane, accumulate);
+  }
+}
+
+// Runs a register-tiled kernel over every output row: out(n, y) = sum over ky of
+// rows(n, y + ky) (*) w, in blocks of `lanes` output channels (the weight packed per block).
+// make_source() gives a thread its rows (row(n, r): padded input row r of image n);
+// row_tiles(rows, w_block, c0, c1, t0, t1, accumulate, rowbuf) computes one reduction group
+// of a row into rowbuf, whose (column x, lane j) is at x * x_stride + j * lane_stride.
+template <typename T, int K, typename RowSource, typename RowTiles>
+void conv_rows(const ConvShape& shape, int64_t C, int64_t out_channels, int64_t lanes, int64_t rowbuf_size,
+               int64_t x_stride, int64_t lane_stride, const T* w_packed, const Outputs<T>& outputs,
+               const RowSource& make_source, const RowTiles& row_tiles) {
+  const int64_t blocks = (out_channels + lanes - 1) / lanes;
   const int64_t rows = shape.batch * shape.out_h;
   const int64_t work_per_row = std::max<int64_t>(1, shape.out_w * out_channels * C * K * K);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / work_per_row);
-  constexpr int64_t kL1Weights = 16384;  // bytes of weights per chunk
-  const int64_t chunk = std::max<int64_t>(8, kL1Weights / (K * K * CB * int64_t(sizeof(T))));
-  constexpr int64_t kTermsPerSum = 96;
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     auto source = make_source();  // per-thread state (the packing ring)
-    std::vector<T> rowbuf(round_up(shape.out_w, PIX) * CB);
+    std::vector<T> rowbuf(rowbuf_size);
     const T* row_ptrs[K];
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / shape.out_h, y = r % shape.out_h;
       for (int ky = 0; ky < K; ++ky) row_ptrs[ky] = source.row(n, y + ky);
       for (int64_t b = 0; b < blocks; ++b) {
-        const T* wb = w_packed + b * K * K * C * CB;
-        // Reduction chunks whose K x K x chunk x CB weights stay in L1 across the row's tiles;
-        // a chunk is summed in groups of taps of at most about kTermsPerSum terms whatever the
-        // vector width (the chunk is half as wide in AVX-512: one group of all K * K taps there
-        // was 126 terms, and grad_x's float32 error went past twice eager's).
-        for (int64_t c0 = 0; c0 < std::max<int64_t>(C, 1); c0 += chunk) {
-          const int64_t c1 = std::min(C, c0 + chunk);
-          const int taps = static_cast<int>(
-              std::clamp<int64_t>(kTermsPerSum / std::max<int64_t>(c1 - c0, 1), 1, K * K));
-          for (int t0 = 0; t0 < K * K; t0 += taps) {
-            const int t1 = std::min(K * K, t0 + taps);
-            const bool accumulate = c0 > 0 || t0 > 0;
-            int64_t x0 = 0;
-            for (; x0 + PIX <= shape.out_w; x0 += PIX)
-              conv_tile<T, K, PIX, NV>(row_ptrs, pixel_stride, x0, C, c0, c1, t0, t1, wb, rowbuf.data() + x0 * CB,
-                                       accumulate);
-            // The row's last pixels in a narrower tile (PIX / 3 or 2 PIX / 3 wide) rather than
-            // a whole one: up to 5 of 6 pixels would be computed for nothing (W = 32: 11%).
-            const int64_t rest = shape.out_w - x0;
-            if (rest > 0) {
-              T* out = rowbuf.data() + x0 * CB;
-              if (rest <= PIX / 3) {
-                conv_tile<T, K, PIX / 3, NV>(row_ptrs, pixel_stride, x0, C, c0, c1, t0, t1, wb, out, accumulate);
-              } else if (rest <= 2 * PIX / 3) {
-                conv_tile<T, K, 2 * PIX / 3, NV>(row_ptrs, pixel_stride, x0, C, c0, c1, t0, t1, wb, out, accumulate);
-              } else {
-                conv_tile<T, K, PIX, NV>(row_ptrs, pixel_stride, x0, C, c0, c1, t0, t1, wb, out, accumulate);
-              }
-            }
-          }
-        }
-        write_row(outputs, n, y, shape.out_w, b * CB, std::min(CB, out_channels - b * CB), rowbuf.data(), CB);
+        const T* wb = w_packed + b * K * K * C * lanes;
+        for_each_reduction_group<K>(C, lanes * int64_t(sizeof(T)),
+                                    [&](int64_t c0, int64_t c1, int t0, int t1, bool accumulate) {
+                                      row_tiles(row_ptrs, wb, c0, c1, t0, t1, accumulate, rowbuf.data());
+                                    });
+        write_row(outputs, n, y, shape.out_w, b * lanes, std::min(lanes, out_channels - b * lanes), rowbuf.data(),
+                  x_stride, lane_stride);
       }
     }
   });
 }
 
-// Rows packed from the two sources into a per-thread ring of `slots` rows (row r of the padded
-// input is packed once while it is in use; K slots serve one output row at a time).
-template <typename T, int K>
-struct PackedRows {
-  const TwoSources<T>* in;
-  int64_t P, c0, count, ld, width, slots;
+// A thread's ring of `slots` packed rows: pack(n, r, dst) packs row r of image n once while it
+// is in use (K slots serve one output row at a time).
+template <typename T, typename Pack>
+struct RowRing {
+  Pack pack;
+  int64_t rows_per_image, row_size, slots;
   std::vector<T> ring;
-  std::vector<int64_t> held;  // n * (H + 2P + K) + r of the row in each slot, -1 if none
-  PackedRows(const TwoSources<T>* in_, int64_t P_, int64_t c0_, int64_t count_, int64_t ld_, int64_t width_,
-             int64_t slots_ = K)
-      : in(in_), P(P_), c0(c0_), count(count_), ld(ld_), width(width_), slots(slots_),
-        ring(slots_ * width_ * ld_), held(slots_, -1) {}
+  std::vector<int64_t> held;  // n * rows_per_image + r of the row in each slot, -1 if none
+  RowRing(Pack pack_, int64_t rows_per_image_, int64_t row_size_, int64_t slots_)
+      : pack(std::move(pack_)), rows_per_image(rows_per_image_), row_size(row_size_), slots(slots_),
+        ring(slots_ * row_size_), held(slots_, -1) {}
   const T* row(int64_t n, int64_t r) {
-    const int64_t slot = r % slots, key = n * (in->h + 2 * P + K) + r;
-    T* dst = ring.data() + slot * width * ld;
+    const int64_t slot = r % slots, key = n * rows_per_image + r;
+    T* dst = ring.data() + slot * row_size;
     if (held[slot] != key) {
-      pack_row(*in, n, r - P, P, c0, count, ld, width, dst);
+      pack(n, r, dst);
       held[slot] = key;
     }
     return dst;
   }
 };
+
+template <typename T, typename Pack>
+RowRing<T, Pack> row_ring(Pack pack, int64_t rows_per_image, int64_t row_size, int64_t slots) {
+  return RowRing<T, Pack>(std::move(pack), rows_per_image, row_size, slots);
+}
+
+// Rows of the two sources in (pixel, channel) order: channels [c0, c0 + count) at ld per pixel
+// (see pack_row), `width` pixels with the P padding columns; rows padded by P above and below.
+template <typename T>
+auto packed_rows(const TwoSources<T>& in, int64_t P, int64_t c0, int64_t count, int64_t ld, int64_t width,
+                 int64_t slots) {
+  return row_ring<T>([&in, P, c0, count, ld, width](int64_t n, int64_t r, T* dst) {
+    pack_row(in, n, r - P, P, c0, count, ld, width, dst);
+  }, in.h + 2 * P, width * ld, slots);
+}
+
+// Rows of the two sources in (channel, pixel) order, `plane` pixels per channel (the P padding
+// columns, then the row, then zeros); rows padded by P above and below.
+template <typename T>
+auto planar_rows(const TwoSources<T>& in, int64_t P, int64_t plane, int64_t slots) {
+  return row_ring<T>([&in, P, plane](int64_t n, int64_t r, T* dst) {
+    const int64_t iy = r - P;
+    T* row = dst;
+    for (int s = 0; s < 2; ++s) {
+      const Strided4& st = in.stride[s];
+      for (int64_t c = 0; c < in.channels[s]; ++c, row += plane) {
+        if (iy < 0 || iy >= in.h) {
+          std::fill(row, row + plane, T(0));
+          continue;
+        }
+        const T* from = in.data[s] + n * st.n + iy * st.h + c * st.c;
+        std::fill(row, row + P, T(0));
+        if (st.w == 1) {
+          std::copy(from, from + in.w, row + P);
+        } else {
+          for (int64_t ix = 0; ix < in.w; ++ix) row[P + ix] = from[ix * st.w];
+        }
+        std::fill(row + P + in.w, row + plane, T(0));
+      }
+    }
+  }, in.h + 2 * P, (in.channels[0] + in.channels[1]) * plane, slots);
+}
 
 // Rows of a stored (n, y, x, channel) buffer (the masked output gradient).
 template <typename T>
@@ -399,16 +509,51 @@ constexpr bool kWideRegisterFile = Vectorized<T>::size() * sizeof(T) == 64;
 // The widest pixel tile (rows are padded to a multiple of it).
 constexpr int64_t kMaxTilePixels = 24;
 
-// Picks the register tile from the number of output lanes: narrow outputs (at most one
-// vector) take 12 pixels x 1 vector, the rest 6 pixels x 2 vectors (12 accumulators); twice
-// the pixels with AVX-512 (24 accumulators + the weights + a broadcast of 32 registers).
-template <typename T, typename F>
-void with_tile(int64_t lanes, F&& f) {
-  constexpr int scale = kWideRegisterFile<T> ? 2 : 1;
-  if (lanes <= Vectorized<T>::size()) {
-    f(std::integral_constant<int, 12 * scale>{}, std::integral_constant<int, 1>{});
+// The channel-vectorized tile: 6 pixels x 2 vectors of output channels (12 accumulators of
+// AVX2's 16 registers), twice the pixels with AVX-512 (24 accumulators + the weights + a
+// broadcast of its 32).
+template <typename T>
+constexpr int kChannelTilePixels = kWideRegisterFile<T> ? 12 : 6;
+// The pixel-vectorized tile (outputs of at most one vector): OC channels x PV vectors of
+// pixels, 24 accumulators with AVX-512, 8 with AVX2.
+template <typename T>
+constexpr int kPlanarChannels = kWideRegisterFile<T> ? 8 : 4;
+template <typename T>
+constexpr int kPlanarVectors = kWideRegisterFile<T> ? 3 : 2;
+
+// A convolution pass over (N, out_h, out_w) with `lanes` output channels from `reduction`
+// channels: the pixel-vectorized kernel on planar rows when the outputs fit in one vector, the
+// channel-vectorized one on (pixel, channel) rows otherwise. make_planar_source(plane) and
+// make_packed_source(width) give a thread its rows; transposed: the weight of the input
+// gradient.
+template <typename T, int K, typename PlanarSource, typename PackedSource>
+void convolution_pass(const ConvShape& shape, int64_t reduction, int64_t lanes, const at::Tensor& weight,
+                      bool transposed, const Outputs<T>& outputs, int64_t pixel_stride,
+                      const PlanarSource& make_planar_source, const PackedSource& make_packed_source) {
+  constexpr int64_t VS = Vectorized<T>::size();
+  if (lanes <= VS) {
+    constexpr int OC = kPlanarChannels<T>, PV = kPlanarVectors<T>;
+    const at::Tensor w = pack_weight<T, K>(weight, OC, transposed);
+    const int64_t out_plane = round_up(shape.out_w, VS), plane = out_plane + K - 1;
+    conv_rows<T, K>(shape, reduction, lanes, OC, OC * out_plane, 1, out_plane, w.const_data_ptr<T>(), outputs,
+                    [&] { return make_planar_source(plane); },
+                    [&](const T* const* rows, const T* wb, int64_t c0, int64_t c1, int t0, int t1, bool accumulate,
+                        T* rowbuf) {
+                      planar_tiles<T, K, OC, PV>(rows, plane, shape.out_w, reduction, c0, c1, t0, t1, wb, rowbuf,
+                                                 out_plane, accumulate);
+                    });
   } else {
-    f(std::integral_constant<int, 6 * scale>{}, std::integral_constant<int, 2>{});
+    constexpr int PIX = kChannelTilePixels<T>, NV = 2;
+    constexpr int64_t CB = NV * VS;
+    const at::Tensor w = pack_weight<T, K>(weight, CB, transposed);
+    const int64_t width = round_up(shape.out_w, kMaxTilePixels) + K - 1;
+    conv_rows<T, K>(shape, reduction, lanes, CB, round_up(shape.out_w, PIX) * CB, CB, 1, w.const_data_ptr<T>(),
+                    outputs, [&] { return make_packed_source(width); },
+                    [&](const T* const* rows, const T* wb, int64_t c0, int64_t c1, int t0, int t1, bool accumulate,
+                        T* rowbuf) {
+                      channel_tiles<T, K, PIX, NV>(rows, pixel_stride, shape.out_w, reduction, c0, c1, t0, t1, wb,
+                                                   rowbuf, accumulate);
+                    });
   }
 }
 
@@ -430,14 +575,10 @@ void forward_typed(const at::Tensor& crop, const at::Tensor& x, const at::Tensor
   Outputs<T> outputs{{Destination<T>{out.data_ptr<T>(), Strided4(out), 0, cout}, Destination<T>{}}, 1, bias, relu};
   with_kernel_size(shape.k, [&](auto k_) {
     constexpr int K = decltype(k_)::value;
-    with_tile<T>(cout, [&](auto pix_, auto nv_) {
-      constexpr int PIX = decltype(pix_)::value, NV = decltype(nv_)::value;
-      const int64_t CB = NV * Vectorized<T>::size();
-      const at::Tensor w = pack_weight<T, K>(weight, CB, /*transposed=*/false);
-      const int64_t width = round_up(shape.out_w, kMaxTilePixels) + K - 1;
-      conv_rows<T, K, PIX, NV>(shape, C, C, cout, w.const_data_ptr<T>(), outputs,
-                               [&] { return PackedRows<T, K>(&in, padding, 0, C, C, width); });
-    });
+    convolution_pass<T, K>(
+        shape, C, cout, weight, /*transposed=*/false, outputs, C,
+        [&](int64_t plane) { return planar_rows(in, padding, plane, K); },
+        [&](int64_t width) { return packed_rows(in, padding, 0, C, C, width, K); });
   });
 }
 
@@ -503,16 +644,24 @@ void backward_typed(const at::Tensor& grad_output, const at::Tensor& output, con
   with_kernel_size(k, [&](auto k_) {
     constexpr int K = decltype(k_)::value;
     // Grad input: conv(G padded by `border`, flipped transposed weight) over (N, H, W).
-    with_tile<T>(cin, [&](auto pix_, auto nv_) {
-      constexpr int PIX = decltype(pix_)::value, NV = decltype(nv_)::value;
-      const int64_t CB = NV * VS;
-      const at::Tensor w = pack_weight<T, K>(weight, CB, /*transposed=*/true);
-      Outputs<T> outputs{{Destination<T>{grad_crop.data_ptr<T>(), Strided4(grad_crop), 0, cs},
-                          Destination<T>{grad_x.data_ptr<T>(), Strided4(grad_x), cs, cx}},
-                         2, nullptr, false};
-      conv_rows<T, K, PIX, NV>(ConvShape{N, H, W, K}, cout, cg, cin, w.const_data_ptr<T>(), outputs,
-                               [&] { return g_rows; });
-    });
+    Outputs<T> outputs{{Destination<T>{grad_crop.data_ptr<T>(), Strided4(grad_crop), 0, cs},
+                        Destination<T>{grad_x.data_ptr<T>(), Strided4(grad_x), cs, cx}},
+                       2, nullptr, false};
+    convolution_pass<T, K>(
+        ConvShape{N, H, W, K}, cout, cin, weight, /*transposed=*/true, outputs, cg,
+        // G's rows transposed to planar ones (zeros past G's columns).
+        [&](int64_t plane) {
+          return row_ring<T>([&, plane](int64_t n, int64_t r, T* dst) {
+            const T* from = g_rows.row(n, r);
+            const int64_t columns = std::min(plane, wg);
+            for (int64_t c = 0; c < cout; ++c) {
+              T* row = dst + c * plane;
+              for (int64_t xx = 0; xx < columns; ++xx) row[xx] = from[xx * cg + c];
+              std::fill(row + columns, row + plane, T(0));
+            }
+          }, hg, cout * plane, K);
+        },
+        [&](int64_t) { return g_rows; });
 
     // Grad weight: tasks of CIB input channels x (a slice of output channels), in register
     // tiles of CI input channels (12 with AVX-512's 32 registers, 6 with AVX2's 16).
@@ -533,7 +682,7 @@ void backward_typed(const at::Tensor& grad_output, const at::Tensor& output, con
           const int64_t co_count = std::min(slice, cout - co0), co_lanes = round_up(co_count, CB);
           std::fill(acc.begin(), acc.end(), T(0));
           // Fixed blocks of kRowBlock output rows per image (the same for any thread count).
-          PackedRows<T, K> rows(&in, padding, ci0, ci_count, CIB, width, kRowBlock + K - 1);
+          auto rows = packed_rows(in, padding, ci0, ci_count, CIB, width, kRowBlock + K - 1);
           const T* a_rows[K][kRowBlock];
           const T* grad_rows[kRowBlock];
           for (int64_t n = 0; n < N; ++n) {
