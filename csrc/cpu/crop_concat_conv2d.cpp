@@ -6,25 +6,33 @@
 // the skip (ccc::split gives the zero-copy window), channel c < Cs reads the window, c >= Cs
 // reads x.
 //
-// All three passes share one register-tiled micro-kernel (conv_tile): PIX output pixels x
-// NV vectors of output channels accumulate over the k x k taps and the reduction channels,
-// one broadcast input value times NV weight vectors per step (the 6 x 16 float tile keeps 12
-// AVX2 accumulators; a 12 x 8 tile serves narrow outputs). It reads its input from rows in
-// (pixel, channel) order:
+// Two register-tiled micro-kernels serve the convolution passes (convolution_pass picks):
+// - conv_tile (channel-vectorized): PIX output pixels x 2 vectors of output channels
+//   accumulate over the k x k taps and the reduction channels, one broadcast input value times
+//   2 weight vectors per step (6 x 16 floats in AVX2, 12 x 32 in AVX-512). It reads rows in
+//   (pixel, channel) order.
+// - planar_tile (pixel-vectorized), for outputs of at most one vector (the top U-Net levels,
+//   where conv_tile would be bound by its broadcasts): OC output channels x PV vectors of
+//   consecutive pixels, PV input loads and OC weight broadcasts per step. It reads planar
+//   ([channel][pixel]) rows.
+// The accumulators are arrays of the raw vector type (RawVector), which gcc keeps in
+// registers. The passes:
 // - forward: per thread, a ring of k input rows packed from the two sources (the crop window
-//   and x, any strides, channels_last a straight copy) with the zero padding columns included;
-//   the weight packed once per call as (Cout block, tap, Cin, lanes). Bias and ReLU are applied
-//   when the output row is written, in the output's memory format.
-// - grad input: the same convolution of the ReLU-masked output gradient, stored once in
+//   and x, any strides) with the zero padding columns included; the weight packed once per
+//   call as (Cout block, tap, Cin, lanes). Bias and ReLU are applied when the output row is
+//   written, in the output's memory format.
+// - grad input: the same convolution of the ReLU-masked output gradient G, stored once in
 //   (n, y, x, Cout) order with a zero border of k - 1 - padding (the mask applied while it is
-//   stored: the masked gradient is the only temporary, the size of the output), with the
-//   weight flipped and transposed; its output channels are written straight into the skip's
-//   crop window of grad_skip (zero elsewhere) and into grad_x.
+//   stored: G is the only temporary, the size of the output), with the weight flipped and
+//   transposed; its output channels are written straight into the skip's crop window of
+//   grad_skip (zero elsewhere) and into grad_x.
 // - grad weight: per task, a fixed block of input channels x a fixed slice of output
 //   channels: every tap's (input channel, output channel) tile is reduced over the pixels of
-//   each row and accumulated in the task's buffer, rows in order. No atomics and no partial
-//   sums that depend on the thread count: every pass repeats bit for bit for any number of
-//   threads.
+//   blocks of rows and accumulated in the task's buffer, rows in order (wgrad_tile); for at
+//   most half a vector of output channels, dot products over planar rows instead
+//   (planar_wgrad_tile), per task of input channels x a fixed chunk of rows, the tasks' sums
+//   added in task order. No atomics and no partial sums that depend on the thread count:
+//   every pass repeats bit for bit for any number of threads.
 //
 // This file is compiled once per CPU capability (see setup.py and cpu_capability.h).
 #include <ATen/ATen.h>
@@ -183,6 +191,44 @@ C10_NOINLINE __attribute__((flatten)) void planar_tile(const T* const* rows, int
     unroll<PV>([&](auto i) {
       T* to = out + o * out_plane + x0 + i * VS;
       (accumulate ? V::loadu(to) + V(acc[o][i]) : V(acc[o][i])).store(to);
+    });
+  });
+}
+
+// The weight gradient's pixel-vectorized tile, for narrow outputs (the channel-vectorized
+// wgrad_tile would fill at most one vector with output channels, half of it with 8 of them in
+// AVX-512, and broadcast an input value per FMA): one tap's OC output x CI input channels as
+// dot products over the pixels of a block of rows, on planar rows:
+// acc_out[(o * acc_stride + i) * VS + lane] += sum over r < rows, v < vectors of
+//   g_rows[r][o * g_plane + v * VS + lane] * a_rows[r][i * a_plane + v * VS + lane]
+// (the caller sums the lanes at the end; G is zero past the row's last pixel). The caller
+// keeps `rows` small enough for the rows to stay in L1 across the taps' calls.
+template <typename T, int OC, int CI>
+C10_NOINLINE __attribute__((flatten)) void planar_wgrad_tile(const T* const* a_rows, int64_t a_offset, int64_t a_plane,
+                                                             const T* const* g_rows, int64_t g_offset, int64_t g_plane,
+                                                             int rows, int64_t vectors, T* acc_out,
+                                                             int64_t acc_stride) {
+  using V = Vectorized<T>;
+  using R = RawVector<T>;
+  constexpr int VS = V::size();
+  R acc[OC][CI];
+  unroll<OC>([&](auto o) { unroll<CI>([&](auto i) { acc[o][i] = R(V(T(0))); }); });
+  for (int r = 0; r < rows; ++r) {
+    const T* a = a_rows[r] + a_offset;
+    const T* g = g_rows[r] + g_offset;
+    for (int64_t v = 0; v < vectors; ++v) {
+      V gv[OC];
+      unroll<OC>([&](auto o) { gv[o] = V::loadu(g + o * g_plane + v * VS); });
+      unroll<CI>([&](auto i) {
+        const V av = V::loadu(a + i * a_plane + v * VS);
+        unroll<OC>([&](auto o) { acc[o][i] = R(at::vec::fmadd(gv[o], av, V(acc[o][i]))); });
+      });
+    }
+  }
+  unroll<OC>([&](auto o) {
+    unroll<CI>([&](auto i) {
+      T* to = acc_out + (o * acc_stride + i) * VS;
+      (V::loadu(to) + V(acc[o][i])).store(to);
     });
   });
 }
@@ -426,31 +472,33 @@ auto packed_rows(const TwoSources<T>& in, int64_t P, int64_t c0, int64_t count, 
   }, in.h + 2 * P, width * ld, slots);
 }
 
-// Rows of the two sources in (channel, pixel) order, `plane` pixels per channel (the P padding
-// columns, then the row, then zeros); rows padded by P above and below.
+// Rows of the two sources in (channel, pixel) order: channels [c0, c0 + count) in planes of
+// `plane` pixels (the P padding columns, the row, then zeros), zero planes up to `planes`;
+// rows padded by P above and below.
 template <typename T>
-auto planar_rows(const TwoSources<T>& in, int64_t P, int64_t plane, int64_t slots) {
-  return row_ring<T>([&in, P, plane](int64_t n, int64_t r, T* dst) {
+auto planar_rows(const TwoSources<T>& in, int64_t P, int64_t plane, int64_t slots, int64_t c0, int64_t count,
+                 int64_t planes) {
+  return row_ring<T>([&in, P, plane, c0, count, planes](int64_t n, int64_t r, T* dst) {
     const int64_t iy = r - P;
-    T* row = dst;
-    for (int s = 0; s < 2; ++s) {
-      const Strided4& st = in.stride[s];
-      for (int64_t c = 0; c < in.channels[s]; ++c, row += plane) {
-        if (iy < 0 || iy >= in.h) {
-          std::fill(row, row + plane, T(0));
-          continue;
-        }
-        const T* from = in.data[s] + n * st.n + iy * st.h + c * st.c;
-        std::fill(row, row + P, T(0));
-        if (st.w == 1) {
-          std::copy(from, from + in.w, row + P);
-        } else {
-          for (int64_t ix = 0; ix < in.w; ++ix) row[P + ix] = from[ix * st.w];
-        }
-        std::fill(row + P + in.w, row + plane, T(0));
+    std::fill(dst + count * plane, dst + planes * plane, T(0));
+    for (int64_t c = c0; c < c0 + count; ++c) {
+      T* row = dst + (c - c0) * plane;
+      if (iy < 0 || iy >= in.h) {
+        std::fill(row, row + plane, T(0));
+        continue;
       }
+      const int s = c < in.channels[0] ? 0 : 1;
+      const Strided4& st = in.stride[s];
+      const T* from = in.data[s] + n * st.n + iy * st.h + (s == 0 ? c : c - in.channels[0]) * st.c;
+      std::fill(row, row + P, T(0));
+      if (st.w == 1) {
+        std::copy(from, from + in.w, row + P);
+      } else {
+        for (int64_t ix = 0; ix < in.w; ++ix) row[P + ix] = from[ix * st.w];
+      }
+      std::fill(row + P + in.w, row + plane, T(0));
     }
-  }, in.h + 2 * P, (in.channels[0] + in.channels[1]) * plane, slots);
+  }, in.h + 2 * P, planes * plane, slots);
 }
 
 // Rows of a stored (n, y, x, channel) buffer (the masked output gradient).
@@ -520,6 +568,12 @@ template <typename T>
 constexpr int kPlanarChannels = kWideRegisterFile<T> ? 8 : 4;
 template <typename T>
 constexpr int kPlanarVectors = kWideRegisterFile<T> ? 3 : 2;
+// The weight gradient's pixel-vectorized tile: OC output x CI input channels (24 accumulators
+// + 4 gradient vectors + an input vector with AVX-512; 12 + 2 + 1 with AVX2).
+template <typename T>
+constexpr int kPlanarWgradOut = kWideRegisterFile<T> ? 4 : 2;
+template <typename T>
+constexpr int kPlanarWgradIn = 6;
 
 // A convolution pass over (N, out_h, out_w) with `lanes` output channels from `reduction`
 // channels: the pixel-vectorized kernel on planar rows when the outputs fit in one vector, the
@@ -577,7 +631,7 @@ void forward_typed(const at::Tensor& crop, const at::Tensor& x, const at::Tensor
     constexpr int K = decltype(k_)::value;
     convolution_pass<T, K>(
         shape, C, cout, weight, /*transposed=*/false, outputs, C,
-        [&](int64_t plane) { return planar_rows(in, padding, plane, K); },
+        [&](int64_t plane) { return planar_rows(in, padding, plane, K, 0, C, C); },
         [&](int64_t width) { return packed_rows(in, padding, 0, C, C, width, K); });
   });
 }
@@ -592,9 +646,10 @@ void backward_typed(const at::Tensor& grad_output, const at::Tensor& output, con
   const int64_t cin = cs + cx, cout = weight.size(0), k = weight.size(2);
   const int64_t Ho = grad_output.size(2), Wo = grad_output.size(3);
   const int64_t border = k - 1 - padding;  // the transposed convolution's padding
-  // The masked gradient G in (n, y, x, channel) order, Cout padded to whole vector pairs,
-  // with `border` zero rows and columns around it and room for whole pixel tiles.
-  const int64_t cg = round_up(std::max<int64_t>(cout, 1), 2 * VS);
+  // The masked gradient G in (n, y, x, channel) order, Cout padded to the lanes the weight
+  // gradient's tile reads (one vector up to VS channels, else whole vector pairs), with
+  // `border` zero rows and columns around it and room for whole pixel tiles.
+  const int64_t cg = round_up(std::max<int64_t>(cout, 1), cout <= VS ? VS : 2 * VS);
   const int64_t hg = Ho + 2 * border, wg = round_up(W, kMaxTilePixels) + k - 1;
   at::Tensor g = at::zeros({N, hg, wg, cg}, grad_output.options());
   {
@@ -638,7 +693,7 @@ void backward_typed(const at::Tensor& grad_output, const at::Tensor& output, con
       }
     });
   }
-  grad_bias.copy_(g.view({-1, cg}).sum(0).narrow(0, 0, cout));
+  grad_bias.copy_(g.view({-1, cg}).narrow(1, 0, cout).sum(0));
   const StoredRows<T> g_rows{g.const_data_ptr<T>(), hg, wg * cg};
 
   with_kernel_size(k, [&](auto k_) {
@@ -662,6 +717,69 @@ void backward_typed(const at::Tensor& grad_output, const at::Tensor& output, con
           }, hg, cout * plane, K);
         },
         [&](int64_t) { return g_rows; });
+
+    // Grad weight of the narrowest outputs: tasks of CI input channels x a fixed chunk of rows; each
+    // task's partial sums in its own buffer, added in task order (the same for any thread
+    // count).
+    const auto planar_wgrad = [&] {
+      constexpr int OC = kPlanarWgradOut<T>, CI = kPlanarWgradIn<T>, kRowBlock = 8;
+      constexpr int64_t kRowsPerTask = 4 * kRowBlock;
+      const int64_t co_planes = round_up(cout, OC), g_plane = round_up(Wo, VS), a_plane = g_plane + K - 1;
+      // Rows per block: the block's OC + CI planes stay in L1 (32 KiB) across the 9 taps.
+      const int rows_per_block = static_cast<int>(
+          std::clamp<int64_t>(32768 / ((OC + CI) * a_plane * int64_t(sizeof(T))), 1, kRowBlock));
+      const int64_t ci_blocks = (cin + CI - 1) / CI, row_chunks = (N * Ho + kRowsPerTask - 1) / kRowsPerTask;
+      const int64_t partial_size = K * K * co_planes * CI * VS;
+      std::vector<T> partials(ci_blocks * row_chunks * partial_size, T(0));
+      const TwoSources<T> in = two_sources<T>(crop, x);
+      at::parallel_for(0, ci_blocks * row_chunks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<T> gbuf(kRowBlock * co_planes * g_plane, T(0));
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t ci0 = (task / row_chunks) * CI, ci_count = std::min<int64_t>(CI, cin - ci0);
+          const int64_t row0 = (task % row_chunks) * kRowsPerTask, row1 = std::min(N * Ho, row0 + kRowsPerTask);
+          T* acc = partials.data() + task * partial_size;
+          auto rows = planar_rows(in, padding, a_plane, kRowBlock + K - 1, ci0, ci_count, CI);
+          const T* a_rows[K][kRowBlock];
+          const T* grad_rows[kRowBlock];
+          // Blocks of up to rows_per_block rows of one image.
+          for (int64_t r0 = row0; r0 < row1;) {
+            const int64_t n = r0 / Ho, y0 = r0 % Ho;
+            const int block = static_cast<int>(std::min<int64_t>({rows_per_block, Ho - y0, row1 - r0}));
+            for (int r = 0; r < block + K - 1; ++r) {
+              const T* packed = rows.row(n, y0 + r);
+              for (int ky = 0; ky < K; ++ky)
+                if (r - ky >= 0 && r - ky < block) a_rows[ky][r - ky] = packed;
+            }
+            for (int r = 0; r < block; ++r) {  // G's rows, planar (zeros past Wo and cout)
+              const T* from = g_rows.row(n, y0 + r + border) + border * cg;
+              T* dst = gbuf.data() + r * co_planes * g_plane;
+              for (int64_t c = 0; c < cout; ++c)
+                for (int64_t xx = 0; xx < Wo; ++xx) dst[c * g_plane + xx] = from[xx * cg + c];
+              grad_rows[r] = dst;
+            }
+            for (int ky = 0; ky < K; ++ky)
+              for (int kx = 0; kx < K; ++kx)
+                for (int64_t co0 = 0; co0 < co_planes; co0 += OC)
+                  planar_wgrad_tile<T, OC, CI>(a_rows[ky], kx, a_plane, grad_rows, co0 * g_plane, g_plane, block,
+                                               g_plane / VS, acc + ((ky * K + kx) * co_planes + co0) * CI * VS, CI);
+            r0 += block;
+          }
+        }
+      });
+      T* gw = grad_weight.data_ptr<T>();  // contiguous (Cout, Cin, K, K)
+      for (int64_t ci = 0; ci < cin; ++ci)
+        for (int64_t co = 0; co < cout; ++co)
+          for (int64_t tap = 0; tap < K * K; ++tap) {
+            const int64_t b = ci / CI;
+            T sum = T(0);
+            for (int64_t chunk = 0; chunk < row_chunks; ++chunk) {
+              const T* lanes = partials.data() + (b * row_chunks + chunk) * partial_size +
+                               ((tap * co_planes + co) * CI + ci % CI) * VS;
+              for (int j = 0; j < VS; ++j) sum += lanes[j];
+            }
+            gw[(co * cin + ci) * K * K + tap] = sum;
+          }
+    };
 
     // Grad weight: tasks of CIB input channels x (a slice of output channels), in register
     // tiles of CI input channels (12 with AVX-512's 32 registers, 6 with AVX2's 16).
@@ -709,7 +827,11 @@ void backward_typed(const at::Tensor& grad_output, const at::Tensor& output, con
         }
       });
     };
-    if (cout <= VS) {
+    // The pixel-vectorized tile where the channel-vectorized one would leave half of its one
+    // vector empty (measured at 8 output channels in AVX-512: 1.6x faster; at 16 it is slower).
+    if (2 * cout <= VS) {
+      planar_wgrad();
+    } else if (cout <= VS) {
       wgrad(std::integral_constant<int, 1>{});
     } else {
       wgrad(std::integral_constant<int, 2>{});
