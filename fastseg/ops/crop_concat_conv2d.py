@@ -126,17 +126,16 @@ def _triton_reasons(skip, x, weight=None):
     return _backend.triton_reasons(_OP, skip, x, weight)
 
 
-# auto. CPU: the reference (crop + cat + one oneDNN convolution) first. The CPU kernel (a
-# direct convolution from both sources, no concatenation) measured 0.8-1.4x eager fwd+bwd
-# and 0.7-2.3x forward over the U-Net levels (faster at the wide top levels, slower at the
-# deep ones; benchmarks/results/cpu-epyc-2core/crop_concat_conv): not faster everywhere, so
-# auto keeps the reference and backend="cpu" gives the kernel, which keeps less memory for the
-# backward (no concatenation saved). CUDA: Triton (autotuned implicit GEMM, forward and
-# backward) before the CUDA C++ mma.sync kernel (bf16/fp16, untuned, cuDNN backward): neither
-# has been measured on a GPU yet - scripts/gpu_check.sh times both and should confirm or
-# reorder this.
+# auto. CPU: the CPU kernel (a direct convolution from both sources, no concatenation) first:
+# over the U-Net decoder levels it measured 1.15x (valid) and 1.20x (same) eager's fwd+bwd in
+# all (per level 0.95-1.55x: fastest at the narrow top levels, within 5% of eager at the deep
+# ones) with 1.6-2.5x less peak memory (benchmarks/results/cpu-xeon-avx512-2core/
+# crop_concat_conv, AVX-512); float16 / bfloat16 go to the reference. CUDA: Triton (autotuned
+# implicit GEMM, forward and backward) before the CUDA C++ mma.sync kernel (bf16/fp16,
+# untuned, cuDNN backward): neither has been measured on a GPU yet - scripts/gpu_check.sh
+# times both and should confirm or reorder this.
 OP = _backend.register_op(_backend.OpBackends(
-    op=_OP, auto_order={"cuda": ("triton", "cuda", "reference"), "cpu": ("reference", "cpu")}))
+    op=_OP, auto_order={"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}))
 OP.register("cuda", _cuda_reasons)
 OP.register("triton", _triton_reasons)
 OP.register("cpu", _cpu_reasons)
