@@ -271,6 +271,8 @@ void pack_row(const TwoSources<T>& in, int64_t n, int64_t iy, int64_t P, int64_t
           T* to = out + ix * ld;
           for (int64_t c = 0; c < cn; ++c) to[c] = from[c];
         }
+      } else if (st.w == 1) {  // NCHW: rows of pixels per channel, transposed in register blocks
+        at::vec::transpose_mxn<T>(src, st.c, out, ld, static_cast<int>(cn), static_cast<int>(in.w));
       } else {
         for (int64_t c = 0; c < cn; ++c)
           for (int64_t ix = 0; ix < in.w; ++ix) out[ix * ld + c] = src[c * st.c + ix * st.w];
