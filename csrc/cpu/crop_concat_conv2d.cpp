@@ -648,10 +648,12 @@ void backward_typed(const at::Tensor& grad_output, const at::Tensor& output, con
   const int64_t cin = cs + cx, cout = weight.size(0), k = weight.size(2);
   const int64_t Ho = grad_output.size(2), Wo = grad_output.size(3);
   const int64_t border = k - 1 - padding;  // the transposed convolution's padding
-  // The masked gradient G in (n, y, x, channel) order, Cout padded to the lanes the weight
-  // gradient's tile reads (one vector up to VS channels, else whole vector pairs), with
+  // The masked gradient G in (n, y, x, channel) order, Cout padded to the lanes the
+  // channel-vectorized weight gradient reads (one vector up to VS channels, else whole vector
+  // pairs; not padded for at most VS / 2, whose weight gradient reads planar copies), with
   // `border` zero rows and columns around it and room for whole pixel tiles.
-  const int64_t cg = round_up(std::max<int64_t>(cout, 1), cout <= VS ? VS : 2 * VS);
+  const int64_t cg = 2 * cout <= VS ? std::max<int64_t>(cout, 1)
+                                    : round_up(cout, cout <= VS ? VS : 2 * VS);
   const int64_t hg = Ho + 2 * border, wg = round_up(W, kMaxTilePixels) + k - 1;
   at::Tensor g = at::zeros({N, hg, wg, cg}, grad_output.options());
   {

@@ -127,13 +127,13 @@ def _triton_reasons(skip, x, weight=None):
 
 
 # auto. CPU: the CPU kernel (a direct convolution from both sources, no concatenation) first:
-# over the U-Net decoder levels it measured 1.15x (valid) and 1.20x (same) eager's fwd+bwd in
-# all (per level 0.95-1.55x: fastest at the narrow top levels, within 5% of eager at the deep
-# ones) with 1.6-2.5x less peak memory (benchmarks/results/cpu-xeon-avx512-2core/
-# crop_concat_conv, AVX-512); float16 / bfloat16 go to the reference. CUDA: Triton (autotuned
-# implicit GEMM, forward and backward) before the CUDA C++ mma.sync kernel (bf16/fp16,
-# untuned, cuDNN backward): neither has been measured on a GPU yet - scripts/gpu_check.sh
-# times both and should confirm or reorder this.
+# over the U-Net decoder levels it measured 1.20x (valid) and 1.43x (same) eager's fwd+bwd in
+# all (per level 0.98-1.97x: fastest at the narrow top levels, at parity at the deep ones)
+# with 10-22% (valid) and 1.6-2.5x (same) less peak memory (benchmarks/results/
+# cpu-xeon-avx512-2core/crop_concat_conv, AVX-512); float16 / bfloat16 go to the reference.
+# CUDA: Triton (autotuned implicit GEMM, forward and backward) before the CUDA C++ mma.sync
+# kernel (bf16/fp16, untuned, cuDNN backward): neither has been measured on a GPU yet -
+# scripts/gpu_check.sh times both and should confirm or reorder this.
 OP = _backend.register_op(_backend.OpBackends(
     op=_OP, auto_order={"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}))
 OP.register("cuda", _cuda_reasons)
