@@ -128,7 +128,7 @@ def _triton_reasons(skip, x, weight=None):
 
 # auto. CPU: the CPU kernel (a direct convolution from both sources, no concatenation) first:
 # over the U-Net decoder levels it measured 1.20x (valid) and 1.56x (same) eager's fwd+bwd in
-# all (per level 0.98-2.31x: fastest at the narrow top levels, at parity at the deep ones)
+# all (per level 0.89-2.31x: fastest at the narrow top levels, about at parity elsewhere)
 # with 20-22% (valid) and 1.5-2.5x (same) less peak memory (benchmarks/results/
 # cpu-xeon-avx512-2core/crop_concat_conv, AVX-512); float16 / bfloat16 go to the reference.
 # CUDA: Triton (autotuned implicit GEMM, forward and backward) before the CUDA C++ mma.sync
