@@ -509,6 +509,15 @@ auto planar_rows(const TwoSources<T>& in, int64_t P, int64_t plane, int64_t slot
   }, in.h + 2 * P, planes * plane, slots);
 }
 
+// dst[c * plane + x] = from[x * ld + c] for c < channels, x < columns, zeros for x in
+// [columns, plane): a stored (pixel, channel) row of G as planar rows, transposed in register
+// blocks.
+template <typename T>
+void stored_row_to_planar(const T* from, int64_t ld, int64_t channels, int64_t columns, int64_t plane, T* dst) {
+  at::vec::transpose_mxn<T>(from, ld, dst, plane, static_cast<int>(columns), static_cast<int>(channels));
+  for (int64_t c = 0; c < channels; ++c) std::fill(dst + c * plane + columns, dst + (c + 1) * plane, T(0));
+}
+
 // Rows of a stored (n, y, x, channel) buffer (the masked output gradient).
 template <typename T>
 struct StoredRows {
@@ -714,13 +723,7 @@ void backward_typed(const at::Tensor& grad_output, const at::Tensor& output, con
         // G's rows transposed to planar ones (zeros past G's columns).
         [&](int64_t plane) {
           return row_ring<T>([&, plane](int64_t n, int64_t r, T* dst) {
-            const T* from = g_rows.row(n, r);
-            const int64_t columns = std::min(plane, wg);
-            for (int64_t c = 0; c < cout; ++c) {
-              T* row = dst + c * plane;
-              for (int64_t xx = 0; xx < columns; ++xx) row[xx] = from[xx * cg + c];
-              std::fill(row + columns, row + plane, T(0));
-            }
+            stored_row_to_planar(g_rows.row(n, r), cg, cout, std::min(plane, wg), plane, dst);
           }, hg, cout * plane, K);
         },
         [&](int64_t) { return g_rows; });
@@ -758,10 +761,8 @@ void backward_typed(const at::Tensor& grad_output, const at::Tensor& output, con
                 if (r - ky >= 0 && r - ky < block) a_rows[ky][r - ky] = packed;
             }
             for (int r = 0; r < block; ++r) {  // G's rows, planar (zeros past Wo and cout)
-              const T* from = g_rows.row(n, y0 + r + border) + border * cg;
               T* dst = gbuf.data() + r * co_planes * g_plane;
-              for (int64_t c = 0; c < cout; ++c)
-                for (int64_t xx = 0; xx < Wo; ++xx) dst[c * g_plane + xx] = from[xx * cg + c];
+              stored_row_to_planar(g_rows.row(n, y0 + r + border) + border * cg, cg, cout, Wo, g_plane, dst);
               grad_rows[r] = dst;
             }
             for (int ky = 0; ky < K; ++ky)
