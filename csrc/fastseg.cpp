@@ -1,15 +1,6 @@
 // Every fastseg op schema, in one place. Kernels register per device in csrc/cpu and
 // csrc/cuda; fake implementations and autograd live in fastseg/ops (Python).
-#include <Python.h>
 #include <torch/library.h>
-
-
-// fastseg._C is a plain extension module: importing it runs the static registrations below
-// and in the kernel files. No pybind11 needed.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 TORCH_LIBRARY(fastseg, m) {
   // input (B, C, S) any strides; target (B, S) contiguous integer; weight (C,) float32;

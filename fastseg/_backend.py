@@ -59,21 +59,46 @@ def backend(name: str) -> Iterator[None]:
 # --- what is installed ---------------------------------------------------------------
 
 _extension_error: str | None = None
-_extension_checked = False
+_cuda_kernels_error: str | None = None
+_extensions_checked = False
+
+
+def _load_extensions() -> None:
+    """Imports fastseg._C (the op schemas and CPU kernels) and, where they were built,
+    fastseg._C_cuda (the CUDA kernels), once; records why either is missing."""
+    global _extension_error, _cuda_kernels_error, _extensions_checked
+    if _extensions_checked:
+        return
+    _extensions_checked = True
+    try:
+        from fastseg import _C  # noqa: F401  (registers the schemas and the CPU kernels)
+    except ImportError as e:
+        _extension_error = f"fastseg._C is not available ({e})"
+    except OSError as e:  # a broken shared library
+        _extension_error = f"fastseg._C failed to load ({e})"
+    info = build_info()
+    if _extension_error:
+        _cuda_kernels_error = _extension_error
+    elif not info.get("cuda_kernels"):
+        _cuda_kernels_error = (f"fastseg was built without CUDA kernels "
+                               f"({info.get('cuda_reason', 'unknown')})")
+    else:
+        try:
+            from fastseg import _C_cuda  # noqa: F401  (registers the CUDA kernels)
+        except (ImportError, OSError) as e:
+            _cuda_kernels_error = f"fastseg._C_cuda failed to load ({e})"
 
 
 def extension_error() -> str | None:
     """None if fastseg._C is loaded, else why not."""
-    global _extension_error, _extension_checked
-    if not _extension_checked:
-        _extension_checked = True
-        try:
-            from fastseg import _C  # noqa: F401  (registers the C++ kernels)
-        except ImportError as e:
-            _extension_error = f"fastseg._C is not available ({e})"
-        except OSError as e:  # a broken shared library
-            _extension_error = f"fastseg._C failed to load ({e})"
+    _load_extensions()
     return _extension_error
+
+
+def cuda_kernels_error() -> str | None:
+    """None if the CUDA C++ kernels (fastseg._C_cuda) were built and loaded, else why not."""
+    _load_extensions()
+    return _cuda_kernels_error
 
 
 def build_info() -> dict:
@@ -82,17 +107,6 @@ def build_info() -> dict:
     except ImportError:
         return {"extension": False, "reason": "no build information (not built by setup.py)"}
     return dict(BUILD_INFO)
-
-
-def cuda_kernels_error() -> str | None:
-    """None if the CUDA C++ kernels were built and loaded, else why not."""
-    err = extension_error()
-    if err:
-        return err
-    info = build_info()
-    if not info.get("cuda_kernels"):
-        return f"fastseg._C was built without CUDA kernels ({info.get('cuda_reason', 'unknown')})"
-    return None
 
 
 # --- per-op registry -------------------------------------------------------------------
