@@ -93,11 +93,21 @@ def paste(grad: torch.Tensor, shape, offset, channels_last: bool) -> torch.Tenso
     return out
 
 
+# Whether autocast exists for a device type, asked once per type: torch.compile (Dynamo)
+# of torch 2.11 cannot trace torch.amp.is_autocast_available (a graph break in every model),
+# but reads this dict. Filled for the devices the fused kernels serve when fastseg is imported.
+_AUTOCAST_AVAILABLE = {device_type: torch.amp.is_autocast_available(device_type)
+                       for device_type in ("cpu", "cuda", "meta")}
+
+
 def autocast_inputs(device_type: str, *tensors):
     """The tensors as an autocast region would give them to a convolution: floating-point
     ones other than float64 cast to the region's dtype (None and the rest untouched); as they
     are outside autocast."""
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    available = _AUTOCAST_AVAILABLE.get(device_type)
+    if available is None:  # another device type: asked here, once
+        available = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+    if not (available and torch.is_autocast_enabled(device_type)):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
