@@ -1,6 +1,7 @@
 """Launcher, op-registration and ahead-of-time helpers shared by the triton kernel modules.
 
-Imports neither triton (except, guarded, in :func:`import_triton`) nor a kernel module:
+Imports neither triton (except, guarded, in :func:`import_triton`, and in :func:`traceable`,
+which only a launch reaches) nor a kernel module:
 every kernel module still imports cleanly without triton (and says why through its
 ``not_supported_reasons``), and each one reads ``TRITON_INTERPRET`` itself when its kernels
 are defined (its ``INTERPRET = _common.interpret_flag()``), passing the value here where it
@@ -81,6 +82,18 @@ def device_guard(tensor: torch.Tensor):
     return _NullContext()
 
 
+def traceable(kernel):
+    """The kernel as torch.library.wrap_triton gives it on the GPU (traceable by
+    torch.compile inside a triton_op); an interpreted kernel (TRITON_INTERPRET=1 when it was
+    defined) as it is: torch 2.14's wrap_triton returns it unchanged, torch 2.11's refuses it
+    ("wrap_triton only works on functions annotated with triton.jit")."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
 def launch_tiled(kernel, config, programs: int, device_of: torch.Tensor, *args,
                  int64_index: bool, **constexprs) -> None:
     """Launch a tiled FCN decoder kernel (upsample_add, deconv_add) on ``programs``
@@ -88,7 +101,7 @@ def launch_tiled(kernel, config, programs: int, device_of: torch.Tensor, *args,
     constexprs, and those of the tile config (CHANNELS_LAST, BLOCK_R, BLOCK_I, warps,
     stages) with INT64_INDEX = `int64_index`."""
     with device_guard(device_of):
-        torch.library.wrap_triton(kernel)[(programs,)](
+        traceable(kernel)[(programs,)](
             *args,
             **constexprs,
             CHANNELS_LAST=config.channels_last,

@@ -229,13 +229,15 @@ SHIPPED_CONFIGS: Tuple[KernelConfig, ...] = (
 )
 
 # dgrad (the ReLU mask adds a second A-operand load per step: the output tile). Selected by
-# max(Cs, Cx) and M = N * H * W, like the forward by Cout and M. AOT on triton 3.8,
-# channels_last 3x3 same padding, ReLU (registers sm_80 / sm_90, no spills; HMMA / HGMMA):
-#   128x64  w4s3   bf16 174 / 132   fp16 186 / 132   fp32 151 / 168
+# max(Cs, Cx) and M = N * H * W, like the forward by Cout and M. 128 x 64 tiles with 8
+# warps: with 4 (w4s3, also w4s2 / w4s4) bf16 / fp16 spill 16..24 bytes on sm_80 with
+# triton 3.6's ptxas (168 registers). AOT on triton 3.8, channels_last 3x3 same padding, ReLU
+# (registers sm_80 / sm_90, no spills; HMMA / HGMMA):
+#   128x64  w8s3   bf16 100 /  69   fp16  96 /  69   fp32 110 /  80
 #   128x128 w8s3   bf16 128 / 119   fp16 174 / 119   fp32 148 / 128
 #   64x64   w4s3   bf16  96 /  70   fp16  96 /  70   fp32  80 /  94
 DGRAD_CONFIGS: Tuple[KernelConfig, ...] = (
-    KernelConfig(64, 8192, 128, 64, 32, 16, 4, 3),
+    KernelConfig(64, 8192, 128, 64, 32, 16, 8, 3),
     KernelConfig(None, 8192, 128, 128, 32, 16, 8, 3),
     KernelConfig(None, 0, 64, 64, 32, 16, 4, 3),
 )
@@ -257,7 +259,8 @@ WGRAD_CONFIGS: Tuple[KernelConfig, ...] = (
 # bf16 | fp16 | fp32, same variants as above:
 #   forward 64x128 w4s3  168/123 | 168/123 | 168/149    dgrad 128/118 | 168/118 | 128/128
 #   forward 128x64 w8s3  121/72  | 121/72  | 124/96     dgrad 100/69  |  96/69  | 110/80
-#   forward 128x64 w4s2  200/126 | 200/126 | 168/168    dgrad 168/130 | 183/130 | 148/155
+#   forward 128x64 K16/16 w4s2 128/124 | 128/124 | 168/168    dgrad 128/112 | 127/112 | 148/155
+#   (K32/16 w4s2: the bf16 / fp16 dgrad spills 16 bytes on sm_80 with triton 3.6's ptxas)
 #   forward 128x128 w8s4 194/128 | 194/128 | 178/170    dgrad 128/123 | 174/123 | 148/128
 #   forward 64x64 w4s4   124/66  | 124/66  | 128/80     dgrad  96/70  |  96/70  |  80/94
 #   wgrad 64x128 w4s3 168/128 | 168/128 | 168/128;  128x64 w8s3 128/116 | 128/121 | 125/121
@@ -267,7 +270,7 @@ WGRAD_CONFIGS: Tuple[KernelConfig, ...] = (
 _PIXEL_TILE_EXTRAS: Tuple[KernelConfig, ...] = (
     KernelConfig(None, 0, 64, 128, 32, 16, 4, 3),
     KernelConfig(None, 0, 128, 64, 32, 16, 8, 3),
-    KernelConfig(None, 0, 128, 64, 32, 16, 4, 2),
+    KernelConfig(None, 0, 128, 64, 16, 16, 4, 2),
     KernelConfig(None, 0, 128, 128, 32, 16, 8, 4),
     KernelConfig(None, 0, 64, 64, 32, 16, 4, 4),
 )
@@ -814,7 +817,7 @@ def _launch(kernel_name: str, tensor: torch.Tensor, config: Optional[KernelConfi
             select, grid, args, constexprs) -> None:
     """Launch `kernel_name` on grid(BLOCK_M, BLOCK_N): autotuned (see uses_autotune) or at
     `config` (default: select())."""
-    wrap = torch.library.wrap_triton
+    wrap = _common.traceable
     with _common.device_guard(tensor):
         if uses_autotune(tensor, config):
             tuner = autotuner(kernel_name, tensor.dtype)

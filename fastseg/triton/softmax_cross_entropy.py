@@ -105,7 +105,7 @@ class KernelConfig(NamedTuple):
 #   lanes; 4 elements per thread keep the per-element pointers in registers.
 # - "strided": neither stride is 1 (a sliced view); runtime strides, chunks of 16.
 SHIPPED_CONFIGS: Tuple[KernelConfig, ...] = (
-    KernelConfig("pixel", 2, 1024, 2, num_warps=8),
+    KernelConfig("pixel", 2, 1024, 2, num_warps=4),  # w8: 8-byte spill (triton 3.6, fp32 sm_80)
     KernelConfig("pixel", 4, 512, 4, num_warps=8),
     KernelConfig("pixel", 8, 256, 8, num_warps=8),
     KernelConfig("pixel", 16, 128, 16, num_warps=4),
@@ -566,7 +566,7 @@ if triton is not None:
             loss = lse  # never written: the kernel stores per-pixel losses only for "none"
         if num_programs > 0 and not _interpreted_fake(input):
             with _device_guard(input):
-                torch.library.wrap_triton(softmax_cross_entropy_forward_kernel)[(num_programs,)](
+                _common.traceable(softmax_cross_entropy_forward_kernel)[(num_programs,)](
                     input, target,
                     weight if weight is not None else lse,
                     pixel_weight if pixel_weight is not None else lse,
@@ -609,7 +609,7 @@ if triton is not None:
             _needs_int64(grad_input.shape, grad_input.stride(), config.block_p)
         if num_programs > 0 and C > 0 and not _interpreted_fake(input):
             with _device_guard(input):
-                torch.library.wrap_triton(softmax_cross_entropy_backward_kernel)[(num_programs,)](
+                _common.traceable(softmax_cross_entropy_backward_kernel)[(num_programs,)](
                     grad_output, input, target, lse, total_weight,
                     weight if weight is not None else lse,
                     pixel_weight if pixel_weight is not None else lse,
@@ -728,7 +728,6 @@ def compile_ahead_of_time(kernel_name: str, config: KernelConfig, dtype: torch.d
         raise RuntimeError(f"triton is not importable: {_TRITON_IMPORT_ERROR}")
     if INTERPRET:
         raise RuntimeError("cannot compile ahead of time under TRITON_INTERPRET=1")
-    import inspect
 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -743,12 +742,8 @@ def compile_ahead_of_time(kernel_name: str, config: KernelConfig, dtype: torch.d
         constexprs[name] = 1
     divisible = [n for n in divisible if n not in ones]
     index = {name: i for i, name in enumerate(kernel.arg_names)}
-    params = inspect.signature(ASTSource.__init__).parameters
-    if "constexprs" in params:  # triton >= 3.3
-        attrs = {(index[n],): [["tt.divisibility", 16]] for n in divisible}
-        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    else:  # triton 3.2: constants keyed by name, no divisibility hints (conservative)
-        source = ASTSource(fn=kernel, signature=signature, constants=constexprs)
+    attrs = {(index[n],): [["tt.divisibility", 16]] for n in divisible}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 

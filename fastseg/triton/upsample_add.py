@@ -93,18 +93,21 @@ class KernelConfig(NamedTuple):
 
 # The tile configurations the launchers use (forward and backward, both ops) and the AOT test
 # compiles for sm_80 and sm_90. The first entry whose layout matches and whose max_inner
-# covers the inner size is used. 512 elements per program with 4 warps (4 per thread): the
-# kernels are memory bound and gather-heavy (4 bilinear taps, or ceil(k/s)^2 deconvolution
-# taps, per element), so moderate tiles keep registers low and many programs in flight.
+# covers the inner size is used. 512 elements per program with 4 warps (4 per thread), 1024
+# (8 per thread) for wide maps: the kernels are memory bound and gather-heavy (4 bilinear
+# taps, or ceil(k/s)^2 deconvolution taps, per element), so moderate tiles keep registers low
+# and many programs in flight.
 # - "nchw": inner = W. Coarse maps (the backward's input, FCN's 16..64 wide score maps) get
-#   tall tiles so that no lane idles; wide ones 4 rows of 128 contiguous columns (16-byte
-#   accesses in float32, 8-byte in bfloat16).
+#   tall tiles of 32 columns (W <= 64: two per row, as full as 64 columns would be); wide
+#   ones 8 rows of 128 contiguous columns (16-byte accesses). 8 x 64 and 4 x 128 tiles (4
+#   elements per thread) spill 8 bytes in the deconv_add forward (bfloat16, sm_90) with
+#   triton 3.6's ptxas (CUDA 12.8).
 # - "channels_last": inner = C (21 VOC / 19 Cityscapes / 150 ADE20K classes): 32 channels
 #   when C <= 32 (one chunk), else 64 (ADE20K: 3 chunks, 78% used).
 SHIPPED_CONFIGS: Tuple[KernelConfig, ...] = (
     KernelConfig("nchw", 32, 16, 32),
-    KernelConfig("nchw", 64, 8, 64),
-    KernelConfig("nchw", None, 4, 128),
+    KernelConfig("nchw", 64, 16, 32),
+    KernelConfig("nchw", None, 8, 128),
     KernelConfig("channels_last", 16, 32, 16),
     KernelConfig("channels_last", 32, 16, 32),
     KernelConfig("channels_last", None, 8, 64),
@@ -489,7 +492,6 @@ def aot_compile(kernel, config: KernelConfig, capability: int, pointers: dict, s
         raise RuntimeError(f"triton is not importable: {_TRITON_IMPORT_ERROR}")
     if INTERPRET:
         raise RuntimeError("cannot compile ahead of time under TRITON_INTERPRET=1")
-    import inspect
 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -509,12 +511,8 @@ def aot_compile(kernel, config: KernelConfig, capability: int, pointers: dict, s
     divisible = [n for n in tuple(pointers) + tuple(divisible)
                  if n in signature and signature[n] != "constexpr"]
     index = {name: i for i, name in enumerate(kernel.arg_names)}
-    params = inspect.signature(ASTSource.__init__).parameters
-    if "constexprs" in params:  # triton >= 3.3
-        attrs = {(index[n],): [["tt.divisibility", 16]] for n in divisible}
-        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    else:  # triton 3.2: constants keyed by name, no divisibility hints (conservative)
-        source = ASTSource(fn=kernel, signature=signature, constants=constexprs)
+    attrs = {(index[n],): [["tt.divisibility", 16]] for n in divisible}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
