@@ -110,6 +110,8 @@ triton, tl, _TRITON_IMPORT_ERROR = _common.import_triton()
 # Whether the kernels below are defined in interpreter mode (decided at import, as triton).
 INTERPRET = _common.interpret_flag()
 
+# Every tl.dot names its accumulator's dtype as out_dtype: triton 3.6 asserts that they match,
+# and its default (float32) does not for float64 inputs.
 # The interpreter's tl.dot multiplies the raw bit patterns of bfloat16 operands (triton 3.8;
 # triton-lang/triton#11584, "not supported yet"): bfloat16 is served on the GPU only.
 INTERPRETER_DOT_DTYPES = tuple(d for d in INTERPRETER_DTYPES if d != torch.bfloat16)
@@ -448,7 +450,7 @@ if triton is not None:
                         mask=valid[:, None] & c_mask[None, :], other=0.0)
             b = tl.load(b_co + (kh * sw_h + kw * sw_w) + (c_base + c)[:, None] * sw_i,
                         mask=c_mask[:, None] & co_mask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
         return acc
 
     @triton.jit
@@ -594,7 +596,7 @@ if triton is not None:
                              valid[:, None] & co_mask[None, :], RELU)
             w = tl.load(w_c + (ky * sw_h + kx * sw_w) + co[:, None] * sw_o,
                         mask=co_mask[:, None] & c_mask[None, :], other=0.0)
-            acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
         mask = m_mask[:, None] & c_mask[None, :]
         if in_skip:
             offs = (n * sgs_n + yh * sgs_h + xw * sgs_w)[:, None] + c[None, :] * sgs_c
@@ -639,7 +641,7 @@ if triton is not None:
             valid = p_mask & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
             a = tl.load(src_ptr + (n * s_n + iy * s_h + ix * s_w)[:, None] + a_c,
                         mask=valid[:, None] & c_mask[None, :], other=0.0)
-            acc = tl.dot(g, a, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(g, a, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
         return acc
 
     @triton.jit
