@@ -13,12 +13,15 @@ import torch
 # The data pipeline needs Pillow and scipy (package dependencies; a bare GPU machine may lack them).
 pytest.importorskip("PIL")
 pytest.importorskip("scipy")
+import fastseg
 from fastseg.engine import checkpoint as ckpt
 from fastseg.engine.config import TrainConfig
 from fastseg.engine.distributed import EpochSampler
 from fastseg.engine.train import Trainer, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Where the fastseg under test lives (the source tree for an editable install, site-packages
+# for a wheel): the subprocesses import the same one.
+FASTSEG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(fastseg.__file__)))
 
 
 def tiny_unet(out, **kw) -> TrainConfig:
@@ -202,7 +205,7 @@ def test_training_options_train(tmp_path, options):
 # --- processes: DDP and the CLI ----------------------------------------------------------------
 
 def run(args, **kw):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=FASTSEG_PARENT)
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
                             timeout=600, **kw)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -35,7 +35,10 @@
 //   every pass repeats bit for bit for any number of threads.
 //
 // This file is compiled once per CPU capability (see setup.py and cpu_capability.h).
-#include <ATen/ATen.h>
+#include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>

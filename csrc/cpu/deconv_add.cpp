@@ -12,7 +12,9 @@
 // read transposed to (kh, kw, C) so that the innermost loop runs over contiguous channels.
 //
 // This file is compiled once per CPU capability (see setup.py and cpu_capability.h).
-#include <ATen/ATen.h>
+#include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

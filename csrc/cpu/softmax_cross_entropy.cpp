@@ -12,7 +12,11 @@
 //
 // This file is compiled once per CPU capability (DEFAULT, AVX2, AVX512: see setup.py); the
 // DEFAULT build also holds the op registration and picks the variant at run time.
-#include <ATen/ATen.h>
+#include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>

@@ -11,7 +11,8 @@
 // both run along their contiguous axis; other strides are read as they are.
 //
 // This file is compiled once per CPU capability (see setup.py and cpu_capability.h).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -4,7 +4,8 @@
 // so the innermost loop runs over the contiguous axis either way.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <type_traits>

@@ -8,7 +8,12 @@
 // where crop = skip[:, :, oy:oy + H, ox:ox + W] is only an offset into the skip.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/threshold_backward.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/macros/Macros.h>
 
 #include <algorithm>

@@ -3,7 +3,7 @@
 // messages; these guard direct torch.ops.fastseg calls so that no kernel reads out of bounds.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace fastseg {
 
