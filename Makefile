@@ -40,9 +40,12 @@ COMPAT_TESTS ?= tests
 
 .PHONY: test test-compat demo bench install deps clean
 
+# pip --no-compile: Python byte-compiles a module when it is first imported; compiling all of
+# torch's at install is time that `make demo` on a fresh clone cannot spare.
+
 $(VENV)/.deps-installed: Makefile pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --disable-pip-version-check "$(TORCH_SPEC)" $(DEV_DEPS)
+	$(PIP) install -q --disable-pip-version-check --no-compile "$(TORCH_SPEC)" $(DEV_DEPS)
 	touch $@
 
 deps: $(VENV)/.deps-installed
@@ -59,7 +62,7 @@ $(COMPAT_VENV)/.deps-installed: Makefile pyproject.toml
 	@test -n "$(COMPAT_PYTHON)" || { echo "test-compat: no python3.12 found (the GPU machine's \
 	Python); name one with COMPAT_PYTHON=..."; exit 1; }
 	test -x $(COMPAT_PY) || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
-	$(COMPAT_VENV)/bin/pip install -q --disable-pip-version-check $(COMPAT_TORCH_SPEC) $(DEV_DEPS)
+	$(COMPAT_VENV)/bin/pip install -q --disable-pip-version-check --no-compile $(COMPAT_TORCH_SPEC) $(DEV_DEPS)
 	touch $@
 
 test-compat: export TORCH_CUDA_ARCH_LIST = $(COMPAT_CUDA_ARCHS)
