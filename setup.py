@@ -250,7 +250,6 @@ def main():
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-fopenmp"],
-        depends=cpu_kernel_sources,
         py_limited_api=False,
     )]
     if build_cuda:

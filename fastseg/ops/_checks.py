@@ -95,7 +95,7 @@ def paste(grad: torch.Tensor, shape, offset, channels_last: bool) -> torch.Tenso
 
 # Whether autocast exists for a device type, asked once per type: torch.compile (Dynamo)
 # of torch 2.11 cannot trace torch.amp.is_autocast_available (a graph break in every model),
-# but reads this dict. Filled for the devices the fused kernels serve when fastseg is imported.
+# but reads this dict, filled at import for the device types fastseg's ops meet.
 _AUTOCAST_AVAILABLE = {device_type: torch.amp.is_autocast_available(device_type)
                        for device_type in ("cpu", "cuda", "meta")}
 
